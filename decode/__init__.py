@@ -1,0 +1,1 @@
+"""Constrained decoding: masked digit scoring for multiple choice, capped generation for short answers."""

@@ -1,0 +1,64 @@
+"""Multiple choice by masked scoring: one forward pass a prompt, the last position's logits masked to the
+digits of the options the question has, argmax. The answer is always a valid digit; the unmasked top
+token is kept so the format-violation rate measures what the model would have said on its own."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
+
+import torch
+
+from decode.batching import left_pad, length_sorted_batches
+from decode.forward import last_token_logits
+from engine.data import OPTION_LINE, Example
+
+
+@dataclass
+class MCAnswer:
+    choice: str
+    raw: str
+    """The unconstrained top token, decoded."""
+
+
+def rotate_options(question: str, shift: int) -> str:
+    """The question with its option lines rotated by `shift`: new option j shows old option j+shift."""
+    lines = question.splitlines()
+    idx = [i for i, line in enumerate(lines) if OPTION_LINE.match(line)]
+    texts = [OPTION_LINE.sub("", lines[i], count=1) for i in idx]
+    n = len(texts)
+    for j, i in enumerate(idx):
+        lines[i] = f"{j + 1} {texts[(j + shift) % n]}"
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def answer_mc(model, tokenizer, examples: Sequence[Example], encode: Callable[[Example], list[int]],
+              digit_ids: Sequence[int], batch_size: int, permutations: int = 1,
+              on_batch: Callable[[int], None] | None = None) -> list[MCAnswer]:
+    """Answer every MC example. With `permutations` > 1 the options are shown in that many cyclic
+    orders and each original option's log-probability is averaged over them (less position bias)."""
+    device = next(model.parameters()).device
+    jobs = []  # (example index, shift, prompt ids)
+    for i, ex in enumerate(examples):
+        for shift in range(min(max(1, permutations), ex.n_options)):
+            shown = ex if shift == 0 else replace(ex, question=rotate_options(ex.question, shift))
+            jobs.append((i, shift, encode(shown)))
+    digits = torch.tensor(list(digit_ids), device=device)
+    totals = [torch.zeros(ex.n_options) for ex in examples]
+    raw = [""] * len(examples)
+    for batch in length_sorted_batches([j[2] for j in jobs], batch_size):
+        ids, mask = left_pad([jobs[k][2] for k in batch], tokenizer.pad_token_id, device)
+        logits = last_token_logits(model, ids, mask)
+        top = logits.argmax(-1).tolist()
+        digit_logits = logits[:, digits]
+        for row, k in enumerate(batch):
+            i, shift, _ = jobs[k]
+            n = examples[i].n_options
+            logp = torch.log_softmax(digit_logits[row, :n], -1).cpu()
+            # shown position j holds original option (j + shift) % n
+            totals[i] += logp.roll(shift)
+            if shift == 0:
+                raw[i] = tokenizer.decode([top[row]], skip_special_tokens=False)
+        if on_batch:
+            on_batch(len(batch))
+    return [MCAnswer(str(int(t.argmax()) + 1), raw[i]) for i, t in enumerate(totals)]

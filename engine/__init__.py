@@ -1,0 +1,1 @@
+"""QLoRA fine-tuning engine for Korean financial-security QA (FSKU)."""

@@ -1,0 +1,127 @@
+"""Evaluation on the fixed eval subset: eval_loss, and what the model would actually answer (constrained
+decoding), scored with the competition metric. Leaves the training RNG untouched."""
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from decode.digits import digit_token_ids
+from decode.mc import answer_mc
+from decode.subjective import answer_subjective
+from engine.config import Recipe
+from engine.data import Encoded, Example, encode_all, encode_prompt
+from engine.loss import answer_token_losses, collate
+from metrics.embedders import load_embedder
+from metrics.score import Gold, Prediction, ScoreConfig, score
+
+
+def autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def eval_loss(model, encoded: Sequence[Encoded], micro_batch: int, pad_id: int) -> float:
+    """Mean cross-entropy over every answer token of `encoded`."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].input_ids))
+    for k in range(0, len(order), micro_batch):
+        batch = collate([encoded[i] for i in order[k: k + micro_batch]], pad_id, device)
+        with autocast(device):
+            ce, _ = answer_token_losses(model, batch)
+        total += float(ce.sum())
+        count += ce.numel()
+    return total / max(1, count)
+
+
+@dataclass
+class Decoded:
+    predictions: list[Prediction]
+    mc_seconds: float
+    subj_seconds: float
+
+
+class Evaluator:
+    """Built once per run: prompts, digit ids and the embedder (gold embeddings cached) are reused."""
+
+    def __init__(self, tokenizer, examples: list[Example], recipe: Recipe, run_dir: Optional[Path]):
+        self.tokenizer, self.examples, self.recipe, self.run_dir = tokenizer, examples, recipe, run_dir
+        sp, max_len = recipe.data.system_prompt, recipe.data.max_len
+        self.encoded = encode_all(tokenizer, examples, sp, max_len)
+        self.prompts = [encode_prompt(tokenizer, ex, sp)[-max_len:] for ex in examples]
+        self.digit_ids = digit_token_ids(tokenizer, self.prompts[0]) if examples else []
+        self._embedder = None
+        self.golds = [Gold(e.id, e.kind, e.answer, e.n_options, e.keywords) for e in examples]
+
+    @property
+    def embedder(self):
+        if self._embedder is None:
+            self._embedder = load_embedder(self.recipe.eval.embedder)
+        return self._embedder
+
+    def score_config(self) -> ScoreConfig:
+        d, e = self.recipe.decode, self.recipe.eval
+        return ScoreConfig(e.mc_weight, e.cos_weight, d.max_sentences, d.max_chars, d.max_new_tokens)
+
+    def decode(self, model) -> Decoded:
+        d = self.recipe.decode
+        sp, max_len = self.recipe.data.system_prompt, self.recipe.data.max_len
+        mc_idx = [i for i, e in enumerate(self.examples) if e.kind == "mc"]
+        subj_idx = [i for i, e in enumerate(self.examples) if e.kind == "subj"]
+        device = next(model.parameters()).device
+        preds: list[Optional[Prediction]] = [None] * len(self.examples)
+        t0 = time.perf_counter()
+        with autocast(device):
+            mc = answer_mc(model, self.tokenizer, [self.examples[i] for i in mc_idx],
+                           lambda ex: encode_prompt(self.tokenizer, ex, sp)[-max_len:], self.digit_ids,
+                           d.batch_size, d.mc_permutations)
+        t1 = time.perf_counter()
+        with autocast(device):
+            subj = answer_subjective(
+                model, self.tokenizer, [self.prompts[i] for i in subj_idx], max_new_tokens=d.max_new_tokens,
+                no_repeat_ngram_size=d.no_repeat_ngram_size, temperature=d.temperature,
+                max_sentences=d.max_sentences, max_chars=d.max_chars, batch_size=d.batch_size)
+        t2 = time.perf_counter()
+        for i, a in zip(mc_idx, mc):
+            preds[i] = Prediction(self.examples[i].id, a.choice, raw=a.raw)
+        for i, a in zip(subj_idx, subj):
+            preds[i] = Prediction(self.examples[i].id, a.text, n_tokens=a.n_tokens)
+        return Decoded(preds, t1 - t0, t2 - t1)
+
+    def __call__(self, model, step: int) -> dict:
+        """One eval event (without the `event`/`step` keys); predictions go to eval/step-<N>.jsonl."""
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        devices = [device.index or 0] if device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(self.recipe.seed)
+                result = {"eval_loss": eval_loss(model, self.encoded, self.recipe.train.micro_batch,
+                                                 self.tokenizer.pad_token_id)}
+                if self.recipe.eval.generate:
+                    decoded = self.decode(model)
+                    summary, rows = score(self.golds, decoded.predictions, self.embedder, self.score_config())
+                    result.update(summary)
+                    result["decode_seconds"] = decoded.mc_seconds + decoded.subj_seconds
+                    self._write_rows(step, rows)
+        finally:
+            model.train(was_training)
+        return result
+
+    def _write_rows(self, step: int, rows: list[dict]) -> None:
+        if self.run_dir is None:
+            return
+        out = self.run_dir / "eval" / f"step-{step}.jsonl"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        tmp.replace(out)

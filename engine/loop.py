@@ -1,0 +1,314 @@
+"""The training loop: setup, train, save_checkpoint, cleanup. Read `run` top to bottom.
+
+Each optimizer step takes `micro_batch * grad_accum` examples (engine.sampling). Every micro-batch's
+loss is divided by the step's count of answer tokens (or of examples, with loss_weighting=example) before
+backward, so the accumulated gradient is the gradient of the whole batch's loss.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import yaml
+
+from engine.checkpoint import latest_checkpoint, load_checkpoint, save_adapter, save_checkpoint
+from engine.config import Recipe, dump_recipe, recipe_to_dict
+from engine.data import encode_all, read_examples
+from engine.errors import TrainingError, UserError
+from engine.evaluate import Evaluator, autocast
+from engine.loss import answer_token_losses, collate, weighted_loss_sum
+from engine.model import add_lora, count_parameters, ensure_tiny_model, load_base_model, load_tokenizer
+from engine.sampling import Sampler, micro_batches
+from engine.schedule import lr_at
+from engine.split import pin_eval_subset, split_train_eval
+
+log = logging.getLogger("engine")
+
+
+# --- run directory and logs ----------------------------------------------------------------------------
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def check_inputs(recipe: Recipe) -> None:
+    """Fail on a wrong path before anything loads or any directory is made."""
+    if not recipe.model.build_tiny and not (Path(recipe.model.path) / "config.json").is_file():
+        raise UserError(f"model.path: {recipe.model.path} is not a model directory (no config.json)")
+    for key, path in (("data.train", recipe.data.train), ("data.eval", recipe.data.eval)):
+        if path and not Path(path).is_file():
+            raise UserError(f"{key}: {path}: file not found")
+
+
+def prepare_run_dir(recipe: Recipe, overrides: list[str]) -> Path:
+    """The run directory, fresh or to resume; a resumed one must hold the same recipe."""
+    run_dir = Path(recipe.output_dir)
+    if not recipe.train.resume and run_dir.exists() and any(run_dir.iterdir()):
+        n = 1
+        while Path(f"{run_dir}-{n}").exists():
+            n += 1
+        run_dir = Path(f"{run_dir}-{n}")
+        recipe.output_dir = str(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"output_dir: cannot create {run_dir}: {e.strerror}") from None
+    stored_path = run_dir / "recipe.yaml"
+    current = _flatten(recipe_to_dict(recipe))
+    if stored_path.exists():
+        stored = _flatten(yaml.safe_load(stored_path.read_text(encoding="utf-8")) or {})
+        for key in sorted(set(stored) | set(current)):
+            if key not in ("train.resume", "output_dir") and stored.get(key) != current.get(key):
+                raise UserError(f"{stored_path}: this run was made with {key}={stored.get(key)!r}, now "
+                                f"{current.get(key)!r}; resume with the same recipe, or set train.resume=false")
+    header = "".join(f"# override: {o}\n" for o in overrides)
+    tmp = stored_path.with_suffix(".tmp")
+    tmp.write_text(header + dump_recipe(recipe), encoding="utf-8")
+    tmp.replace(stored_path)
+    return run_dir
+
+
+class MetricsLog:
+    """metrics.jsonl: one event a line, flushed as written."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def truncate_after(self, step: int) -> None:
+        """Drop events past `step`: a resumed run logs them again, as an uninterrupted run would have."""
+        if not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+        tmp.replace(self.path)
+
+    def write(self, event: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(event, ensure_ascii=False) + "\n")
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def setup_logging(run_dir: Path) -> None:
+    log.setLevel(logging.INFO)
+    for h in list(log.handlers):
+        log.removeHandler(h)
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    to_file = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.addHandler(console)
+    log.addHandler(to_file)
+    log.propagate = False
+
+
+# --- state carried across checkpoints ------------------------------------------------------------------
+
+@dataclass
+class LoopState:
+    best_score: Optional[float] = None
+    best_step: int = 0
+    evals_without_gain: int = 0
+    skipped_nonfinite: int = 0
+    last_eval_step: int = 0
+    stop_reason: str = ""
+    history: list = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def make_optimizer(model, recipe: Recipe):
+    params = [p for p in model.parameters() if p.requires_grad]
+    t = recipe.train
+    if t.optimizer == "paged_adamw_8bit":
+        if not torch.cuda.is_available():
+            raise UserError("train.optimizer: paged_adamw_8bit needs CUDA; use adamw on CPU")
+        import bitsandbytes as bnb
+        return bnb.optim.PagedAdamW8bit(params, lr=t.lr, weight_decay=t.weight_decay)
+    fused = torch.cuda.is_available() and all(p.is_cuda for p in params)
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused or None)
+
+
+# --- the run -------------------------------------------------------------------------------------------
+
+def run(recipe: Recipe, overrides: list[str] = ()) -> dict:
+    # setup
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    started = time.perf_counter()
+    check_inputs(recipe)
+    run_dir = prepare_run_dir(recipe, list(overrides))
+    setup_logging(run_dir)
+    random.seed(recipe.seed)
+    np.random.seed(recipe.seed)
+    torch.manual_seed(recipe.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    t = recipe.train
+
+    ensure_tiny_model(recipe.model, recipe.data.train)
+    tokenizer = load_tokenizer(recipe.model.path)
+    all_train = read_examples(recipe.data.train)
+    eval_pool = read_examples(recipe.data.eval) if recipe.data.eval else None
+    train_ex, eval_ex = split_train_eval(all_train, eval_pool, recipe.data.eval_share, recipe.data.eval_size,
+                                         recipe.seed)
+    eval_ex = pin_eval_subset(run_dir, eval_ex, eval_pool if eval_pool is not None else all_train)
+    encoded = encode_all(tokenizer, train_ex, recipe.data.system_prompt, recipe.data.max_len)
+    lengths = [len(e.input_ids) for e in encoded]
+    n_mc = sum(e.kind == "mc" for e in train_ex)
+    log.info("data: %d train (%d MC, %d subjective), %d eval rows", len(train_ex), n_mc, len(train_ex) - n_mc,
+             len(eval_ex))
+
+    model = add_lora(load_base_model(recipe.model), recipe.lora, t.gradient_checkpointing)
+    trainable, total = count_parameters(model)
+    quant = "4-bit NF4" if getattr(model, "is_loaded_in_4bit", False) or any(
+        p.dtype == torch.uint8 for p in model.parameters()) else f"{next(model.parameters()).dtype}"
+    print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%), base {quant}, "
+          f"device {device.type}", flush=True)
+    model.train()
+    optimizer = make_optimizer(model, recipe)
+    sampler = Sampler([e.kind for e in train_ex], lengths, t, recipe.seed)
+    total_steps = min(sampler.total_steps, t.max_steps) if t.max_steps else sampler.total_steps
+    evaluator = Evaluator(tokenizer, eval_ex, recipe, run_dir)
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    ckpt_root = run_dir / "checkpoints"
+
+    state, step = LoopState(), 0
+    resume_from = latest_checkpoint(ckpt_root) if t.resume else None
+    if resume_from is not None:
+        saved = load_checkpoint(resume_from, model, optimizer)
+        step, state = saved["step"], LoopState(**saved["loop"])
+        log.info("resuming from %s (step %d of %d)", resume_from, step, total_steps)
+    metrics.truncate_after(step)
+
+    def checkpoint(at: int) -> None:
+        try:
+            save_checkpoint(ckpt_root, at, model, optimizer, state.as_dict())
+        except OSError as e:
+            raise TrainingError(f"step {at}: cannot write checkpoint under {ckpt_root}: {e.strerror}; "
+                                f"the previous checkpoint is intact") from None
+
+    def evaluate(at: int) -> bool:
+        """Log an eval event, follow the best, and say whether early stopping fires."""
+        result = evaluator(model, at)
+        metrics.write({"event": "eval", "step": at, **result})
+        state.last_eval_step = at
+        score = result.get("final_score", -result["eval_loss"])
+        state.history.append([at, score])
+        if state.best_score is None or score > state.best_score:
+            state.best_score, state.best_step, state.evals_without_gain = score, at, 0
+            save_adapter(model, ckpt_root / "best")
+            (ckpt_root / "best" / "best.json").write_text(json.dumps({"step": at, **result}), encoding="utf-8")
+        else:
+            state.evals_without_gain += 1
+        shown = {k: round(v, 4) for k, v in result.items() if k in ("eval_loss", "final_score", "mc_accuracy",
+                                                                    "subj_score")}
+        log.info("eval at step %d: %s", at, shown)
+        return bool(recipe.eval.patience) and state.evals_without_gain >= recipe.eval.patience
+
+    # train
+    from tqdm import tqdm
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0,
+               disable=not sys.stderr.isatty())
+    params = [p for p in model.parameters() if p.requires_grad]
+    pad_id = tokenizer.pad_token_id
+    last_loss = float("nan")
+    while step < total_steps and not state.stop_reason:
+        t0 = time.perf_counter()
+        indices = sampler.batch_at(step)
+        batches = [collate([encoded[i] for i in mb], pad_id, device)
+                   for mb in micro_batches(indices, t.micro_batch, lengths, t.sampler.group_by_length)]
+        denom = sum(b.n_answer_tokens for b in batches) if t.loss_weighting == "token" else len(indices)
+        loss = torch.zeros((), device=device)
+        try:
+            for b in batches:
+                with autocast(device):
+                    ce, rows = answer_token_losses(model, b)
+                part = weighted_loss_sum(ce, rows, b.input_ids.shape[0], t.loss_weighting) / denom
+                part.backward()
+                loss += part.detach()
+        except torch.cuda.OutOfMemoryError:
+            width = max(b.input_ids.shape[1] for b in batches)
+            raise TrainingError(f"step {step + 1}: CUDA out of memory at micro-batch {t.micro_batch} x "
+                                f"{width} tokens; lower train.micro_batch (raise train.grad_accum to keep the "
+                                f"batch) or data.max_len") from None
+        lr = lr_at(step, base_lr=t.lr, total_steps=total_steps, scheduler=t.scheduler,
+                   warmup_ratio=t.warmup_ratio, min_lr_ratio=t.min_lr_ratio)
+        loss_value = float(loss)
+        step += 1
+        if not math.isfinite(loss_value):
+            optimizer.zero_grad(set_to_none=True)
+            if state.skipped_nonfinite >= t.skip_nonfinite:
+                good = latest_checkpoint(ckpt_root)
+                raise TrainingError(f"step {step}: loss is {loss_value}; stopped. Last good checkpoint: "
+                                    f"{good or 'none'} (train.skip_nonfinite lets a few such steps pass)")
+            state.skipped_nonfinite += 1
+            metrics.write({"event": "skip", "step": step, "loss": loss_value})
+            log.warning("step %d: non-finite loss %s skipped (%d of %d allowed)", step, loss_value,
+                        state.skipped_nonfinite, t.skip_nonfinite)
+        else:
+            if t.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            last_loss = loss_value
+        elapsed = time.perf_counter() - t0
+        tokens = sum(b.n_tokens for b in batches)
+        event = {"event": "train", "step": step, "epoch": round(sampler.epoch_at(step - 1), 4),
+                 "loss": loss_value, "lr": lr, "tokens_per_s": tokens / elapsed,
+                 "peak_mem_gib": round(peak_memory_gib(device), 3)}
+        metrics.write(event)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:,.0f}")
+
+        if recipe.eval.every_steps and step % recipe.eval.every_steps == 0 and step < total_steps:
+            if evaluate(step):
+                state.stop_reason = "early_stop"
+        if (step in recipe.checkpoint.at_steps or (recipe.checkpoint.every_epoch and sampler.is_epoch_end(step - 1))
+                or (recipe.checkpoint.every_steps and step % recipe.checkpoint.every_steps == 0)) \
+                and step < total_steps and not state.stop_reason:
+            checkpoint(step)
+    bar.close()
+
+    # cleanup: the last eval and checkpoint, the summary
+    if state.last_eval_step != step:
+        if evaluate(step) and not state.stop_reason:
+            state.stop_reason = "early_stop"
+    if not state.stop_reason:
+        state.stop_reason = "max_steps" if t.max_steps and step >= t.max_steps else "epochs"
+    checkpoint(step)
+    summary = {"steps": step, "total_steps": total_steps, "stop_reason": state.stop_reason,
+               "best_step": state.best_step, "best_score": state.best_score, "last_loss": last_loss,
+               "wall_seconds": round(time.perf_counter() - started, 1), "run_dir": str(run_dir)}
+    best_file = ckpt_root / "best" / "best.json"
+    if best_file.exists():
+        summary["best"] = json.loads(best_file.read_text(encoding="utf-8"))
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
+    print(f"done: {step} steps ({state.stop_reason}), last loss {last_loss:.4f}, best score "
+          f"{state.best_score if state.best_score is None else round(state.best_score, 4)} at step "
+          f"{state.best_step}, {summary['wall_seconds']} s -> {run_dir}", flush=True)
+    return summary

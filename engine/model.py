@@ -1,0 +1,144 @@
+"""Base model (4-bit NF4 on CUDA, plain weights on CPU) + LoRA through peft, and the tokenizer.
+
+One loading path for training and inference. Kept to APIs that transformers 4.46 and PyTorch 2.1 have,
+since the contest machine runs those.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from engine.config import LoraConfig, ModelConfig
+from engine.errors import UserError
+
+log = logging.getLogger("engine")
+
+
+def load_tokenizer(model_dir: str | Path):
+    """From `tokenizer.json` when the directory has one, else by the class `tokenizer_config.json` names.
+
+    Not AutoTokenizer: for A.X 4.0 Light it picks a class whose pre-tokenizer splits every number into
+    digits, unlike the tokenizer the model was trained with.
+    """
+    import transformers
+
+    model_dir = Path(model_dir)
+    if (model_dir / "tokenizer.json").is_file():
+        tok = transformers.PreTrainedTokenizerFast.from_pretrained(str(model_dir))
+    else:
+        cfg_path = model_dir / "tokenizer_config.json"
+        if not cfg_path.is_file():
+            raise UserError(f"{model_dir}: no tokenizer.json or tokenizer_config.json")
+        name = json.loads(cfg_path.read_text(encoding="utf-8")).get("tokenizer_class") or "PreTrainedTokenizerFast"
+        fast = name if name.endswith("Fast") else name + "Fast"
+        cls = getattr(transformers, fast, None) or getattr(transformers, name, None)
+        if cls is None:
+            raise UserError(f"{cfg_path}: tokenizer_class {name} is not in this transformers")
+        tok = cls.from_pretrained(str(model_dir))
+    if tok.eos_token_id is None:
+        raise UserError(f"{model_dir}: tokenizer has no eos token (expected <|im_end|>)")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def use_nf4(cfg: ModelConfig) -> bool:
+    """4-bit only on CUDA: bitsandbytes' CPU path repacks weights on the first no-grad forward and
+    training fails afterwards on CPUs with AVX512-BF16."""
+    if cfg.quant != "nf4":
+        return False
+    if not torch.cuda.is_available():
+        log.warning("model.quant=nf4 asked for, but there is no CUDA device: loading plain fp32 weights "
+                    "(4-bit is kept for CUDA)")
+        return False
+    return True
+
+
+def _dtype_kwargs(dtype: torch.dtype) -> dict:
+    import transformers
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
+def load_base_model(cfg: ModelConfig):
+    """The frozen base model on the device it will run on."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(cfg.path)
+    if not (path / "config.json").is_file():
+        raise UserError(f"model.path: {path} is not a model directory (no config.json)")
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if cuda else torch.float32
+    kwargs = dict(_dtype_kwargs(dtype), attn_implementation=cfg.attn_implementation)
+    if use_nf4(cfg):
+        from transformers import BitsAndBytesConfig
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    config = AutoConfig.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path), config=config, **kwargs)
+    if cuda and "device_map" not in kwargs:
+        model = model.to("cuda")
+    model.requires_grad_(False)
+    model.config.use_cache = False
+    return model
+
+
+def add_lora(model, cfg: LoraConfig, gradient_checkpointing: bool):
+    """Wrap `model` with fresh LoRA adapters on `cfg.targets`; only they are trainable."""
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in cfg.targets if t not in present]
+    if missing:
+        raise UserError(f"lora.targets: {', '.join(missing)} not found in the model")
+    if gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input that requires grad, so the frozen embeddings
+        # stay as they are (no enable_input_require_grads hook).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                              target_modules=list(cfg.targets), bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, peft_cfg)
+
+
+def load_adapter(model, adapter_dir: str | Path, trainable: bool = False):
+    """Attach a saved peft adapter; one made for another base model is a user error, not a traceback."""
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise UserError(f"--adapter: {adapter_dir} has no adapter_config.json")
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+    except (RuntimeError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"--adapter: {adapter_dir} does not fit this base model ({first[:200]})") from None
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit weights count as their element count."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel() * (2 if p.dtype == torch.uint8 else 1)  # bitsandbytes packs two 4-bit values a byte
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def ensure_tiny_model(cfg: ModelConfig, texts_source: Optional[str]) -> None:
+    """Build the offline tiny model at `model.path` on first use when the recipe asks for it."""
+    if not cfg.build_tiny or (Path(cfg.path) / "config.json").is_file():
+        return
+    from engine.data import read_examples
+    from engine.tiny import build_tiny_model
+
+    examples = read_examples(texts_source)
+    log.info("building the tiny offline model at %s from %s", cfg.path, texts_source)
+    texts = [e.question for e in examples] + [e.answer for e in examples if e.kind == "subj"]
+    build_tiny_model(cfg.path, texts)

@@ -1,0 +1,56 @@
+"""Train/eval split and the fixed eval subset, both drawn once with the recipe's seed.
+
+The subset's IDs are saved in the run directory (`eval_ids.json`) so every eval of a run, and every run
+of a sweep over the same data and seed, scores the same rows.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from engine.data import Example
+from engine.errors import UserError
+
+
+def stratified_take(examples: Sequence[Example], size: int, seed: int) -> list[Example]:
+    """`size` examples (all when fewer), MC and subjective keeping their share, in file order."""
+    if len(examples) <= size:
+        return list(examples)
+    rng = np.random.default_rng([seed, 7])
+    subj = [i for i, e in enumerate(examples) if e.kind == "subj"]
+    mc = [i for i, e in enumerate(examples) if e.kind == "mc"]
+    n_subj = min(len(subj), max(1 if subj else 0, round(size * len(subj) / len(examples))))
+    n_mc = min(len(mc), size - n_subj)
+    picked = set(rng.choice(subj, n_subj, replace=False).tolist() if n_subj else [])
+    picked |= set(rng.choice(mc, n_mc, replace=False).tolist() if n_mc else [])
+    return [examples[i] for i in sorted(picked)]
+
+
+def split_train_eval(train: Sequence[Example], eval_pool: Optional[Sequence[Example]], eval_share: float,
+                     eval_size: int, seed: int) -> tuple[list[Example], list[Example]]:
+    """(train examples, eval subset). Without an eval file, a seeded stratified share of train is held out."""
+    if eval_pool is None:
+        n_hold = min(eval_size, max(1, round(len(train) * eval_share)))
+        held = stratified_take(train, n_hold, seed)
+        held_ids = {e.id for e in held}
+        return [e for e in train if e.id not in held_ids], held
+    return list(train), stratified_take(eval_pool, eval_size, seed)
+
+
+def pin_eval_subset(run_dir: Path, subset: list[Example], pool: Sequence[Example]) -> list[Example]:
+    """Save the subset's IDs on first use; afterwards return the saved subset from `pool`."""
+    path = run_dir / "eval_ids.json"
+    if not path.exists():
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps([e.id for e in subset], ensure_ascii=False), encoding="utf-8")
+        tmp.replace(path)
+        return subset
+    by_id = {e.id: e for e in pool}
+    ids = json.loads(path.read_text(encoding="utf-8"))
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        raise UserError(f"{path}: eval IDs not in the data any more: {', '.join(missing[:5])}")
+    return [by_id[i] for i in ids]

@@ -1,0 +1,227 @@
+"""Offline inference to a submission CSV (`ID,Answer`), one row per test ID in test order.
+
+    python infer.py --test TEST.csv --out SUBMISSION.csv (--recipe RECIPE | --model DIR) [--adapter DIR]
+
+MC questions are answered by masked digit scoring (always a valid digit), subjective ones by capped
+generation. Answers are appended to `SUBMISSION.csv.partial.jsonl` batch by batch; a killed run, re-run
+with the same command, skips the finished batches and writes the same file. The CSV itself is written
+once, atomically, after checking every row. Runs on Python 3.10 + PyTorch 2.1 + transformers 4.46.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from engine.errors import UserError, run_cli
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Write a submission CSV for a test file, offline.")
+    p.add_argument("--test", required=True, type=Path, help="CSV with ID and Question columns")
+    p.add_argument("--out", required=True, type=Path, help="submission CSV to write (ID,Answer)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--recipe", help="take model, prompt and decoding settings from this recipe")
+    src.add_argument("--model", help="base model directory (decoding settings: defaults)")
+    p.add_argument("--adapter", type=Path, help="LoRA adapter directory (default with --recipe: "
+                                                 "its run's checkpoints/best when present)")
+    p.add_argument("--batch-size", type=int, help="prompts per forward pass (default: decode.batch_size)")
+    p.add_argument("--max-new-tokens", type=int, help="cap on subjective answers (default: decode.max_new_tokens)")
+    return p.parse_args()
+
+
+def settings(args: argparse.Namespace):
+    """(recipe, adapter dir or None) with the command line's choices applied."""
+    from engine.config import Recipe, load_recipe
+
+    if args.recipe:
+        recipe = load_recipe(args.recipe)
+        best = Path(recipe.output_dir) / "checkpoints" / "best"
+        adapter = args.adapter or (best if (best / "adapter_config.json").is_file() else None)
+    else:
+        recipe = Recipe()
+        recipe.model.path = args.model
+        adapter = args.adapter
+    if args.batch_size is not None:
+        if args.batch_size <= 0:
+            raise UserError("--batch-size must be greater than 0")
+        recipe.decode.batch_size = args.batch_size
+    if args.max_new_tokens is not None:
+        if args.max_new_tokens <= 0:
+            raise UserError("--max-new-tokens must be greater than 0")
+        recipe.decode.max_new_tokens = args.max_new_tokens
+    if not (Path(recipe.model.path) / "config.json").is_file():
+        raise UserError(f"model: {recipe.model.path} is not a model directory (no config.json)")
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise UserError(f"--adapter: {adapter} has no adapter_config.json")
+    return recipe, adapter
+
+
+def fingerprint(test: Path, recipe, adapter) -> str:
+    """What the partial answers depend on: a different test file, model or setting starts afresh."""
+    h = hashlib.sha256(test.read_bytes())
+    d = recipe.decode
+    h.update(json.dumps([str(Path(recipe.model.path).resolve()), str(adapter and Path(adapter).resolve()),
+                         recipe.data.system_prompt, recipe.data.max_len, d.max_new_tokens, d.temperature,
+                         d.no_repeat_ngram_size, d.max_sentences, d.max_chars, d.batch_size,
+                         d.mc_permutations, recipe.seed]).encode())
+    if adapter is not None:
+        h.update((Path(adapter) / "adapter_model.safetensors").read_bytes() if
+                 (Path(adapter) / "adapter_model.safetensors").is_file() else b"")
+    return h.hexdigest()[:16]
+
+
+def read_partial(path: Path, key: str) -> dict[str, str]:
+    """Answers from an earlier run of the same job; a torn last line (killed mid-write) is dropped."""
+    if not path.is_file():
+        return {}
+    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        if not lines or json.loads(lines[0]).get("fingerprint") != key:
+            print(f"note: {path} is from another job; starting over", file=sys.stderr)
+            return {}
+    except json.JSONDecodeError:
+        return {}
+    done = {}
+    for line in lines[1:]:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        done.update(rec["answers"])
+    return done
+
+
+def append_partial(path: Path, answers: dict[str, str]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"answers": answers}, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def check_answers(examples, answers: dict[str, str]) -> None:
+    from metrics.score import is_allowed_digit
+    for ex in examples:
+        a = answers.get(ex.id)
+        if a is None:
+            raise RuntimeError(f"no answer for ID {ex.id}")
+        if ex.kind == "mc" and not is_allowed_digit(a, ex.n_options):
+            raise RuntimeError(f"ID {ex.id}: MC answer {a!r} is not a digit 1..{ex.n_options}")
+        if ex.kind == "subj" and not a.strip():
+            raise RuntimeError(f"ID {ex.id}: empty subjective answer")
+
+
+def write_csv_atomically(path: Path, examples, answers: dict[str, str]) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["ID", "Answer"])
+    for ex in examples:
+        w.writerow([ex.id, answers[ex.id]])
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(buf.getvalue(), encoding="utf-8")
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def main() -> int:
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    args = parse_args()
+    from engine.data import read_examples
+    examples = read_examples(args.test, require_answer=False)
+    if not args.out.parent.is_dir():
+        raise UserError(f"--out: directory {args.out.parent} does not exist")
+    if not os.access(args.out.parent, os.W_OK):
+        raise UserError(f"--out: directory {args.out.parent} is not writable")
+    recipe, adapter = settings(args)
+
+    import torch
+    from tqdm import tqdm
+    from decode.batching import length_sorted_batches
+    from decode.digits import digit_token_ids
+    from decode.mc import answer_mc
+    from decode.subjective import answer_subjective
+    from engine.data import encode_prompt
+    from engine.evaluate import autocast
+    from engine.model import load_adapter, load_base_model, load_tokenizer
+
+    partial = args.out.with_name(args.out.name + ".partial.jsonl")
+    key = fingerprint(args.test, recipe, adapter)
+    answers = read_partial(partial, key)
+    if not answers:
+        partial.write_text(json.dumps({"fingerprint": key}) + "\n", encoding="utf-8")
+    else:
+        print(f"resuming: {len(answers)} of {len(examples)} answers already in {partial}", file=sys.stderr)
+
+    t_load = time.perf_counter()
+    torch.manual_seed(recipe.seed)
+    tokenizer = load_tokenizer(recipe.model.path)
+    model = load_base_model(recipe.model)
+    if adapter is not None:
+        model = load_adapter(model, adapter)
+    model.eval()
+    device = next(model.parameters()).device
+    load_s = time.perf_counter() - t_load
+    print(f"model loaded in {load_s:.1f} s ({'adapter ' + str(adapter) if adapter else 'no adapter'}, "
+          f"device {device.type})", file=sys.stderr)
+
+    d, sp, max_len = recipe.decode, recipe.data.system_prompt, recipe.data.max_len
+    prompts = [encode_prompt(tokenizer, ex, sp)[-max_len:] for ex in examples]
+    digit_ids = digit_token_ids(tokenizer, prompts[0])
+    fallbacks = [ex.question.splitlines()[0].strip() for ex in examples]
+    mc = [i for i, ex in enumerate(examples) if ex.kind == "mc"]
+    subj = [i for i, ex in enumerate(examples) if ex.kind == "subj"]
+    seconds = {"mc": 0.0, "subj": 0.0}
+    projected: set[str] = set()
+    bar = tqdm(total=len(examples), initial=len(answers), desc="infer", unit="q", file=sys.stderr)
+    started = time.perf_counter()
+    for kind, idx in (("mc", mc), ("subj", subj)):
+        for batch in length_sorted_batches([prompts[i] for i in idx], d.batch_size):
+            rows = [idx[k] for k in batch]
+            if all(examples[i].id in answers for i in rows):
+                continue
+            t0 = time.perf_counter()
+            with torch.no_grad(), autocast(device):
+                if kind == "mc":
+                    got = [a.choice for a in answer_mc(
+                        model, tokenizer, [examples[i] for i in rows],
+                        lambda ex: encode_prompt(tokenizer, ex, sp)[-max_len:], digit_ids, len(rows),
+                        d.mc_permutations)]
+                else:
+                    got = [a.text for a in answer_subjective(
+                        model, tokenizer, [prompts[i] for i in rows], max_new_tokens=d.max_new_tokens,
+                        no_repeat_ngram_size=d.no_repeat_ngram_size, temperature=d.temperature,
+                        max_sentences=d.max_sentences, max_chars=d.max_chars, batch_size=len(rows),
+                        fallbacks=[fallbacks[i] for i in rows])]
+            seconds[kind] += time.perf_counter() - t0
+            if kind not in projected:
+                projected.add(kind)
+                per_q = seconds[kind] / len(rows)
+                bar.write(f"{kind}: {per_q * 1000:.1f} ms a question -> about {per_q * len(idx):.1f} s for "
+                          f"its {len(idx)} questions")
+            new = {examples[i].id: a for i, a in zip(rows, got)}
+            append_partial(partial, new)
+            answers.update(new)
+            bar.update(len(rows))
+    bar.close()
+    check_answers(examples, answers)
+    write_csv_atomically(args.out, examples, answers)
+    partial.unlink(missing_ok=True)
+    wall = time.perf_counter() - started
+    print(f"wrote {args.out}: {len(examples)} answers ({len(mc)} MC in {seconds['mc']:.1f} s, {len(subj)} "
+          f"subjective in {seconds['subj']:.1f} s), {wall:.1f} s after model load", file=sys.stderr)
+    print(json.dumps({"questions": len(examples), "mc": len(mc), "subj": len(subj), "load_s": round(load_s, 2),
+                      "mc_s": round(seconds["mc"], 3), "subj_s": round(seconds["subj"], 3),
+                      "after_load_s": round(wall, 3)}))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,65 @@
+"""Shared fixtures: the tiny offline model (built once per session), paths, and the real A.X tokenizer
+from ../shared when it is there (tests that need it skip cleanly otherwise)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "data" / "sample.csv"
+SHARED = ROOT.parent / "shared"
+AX_TOKENIZER = SHARED / "models" / "ax4-light-tokenizer"
+FSKU_DEV = SHARED / "data" / "fsku" / "fsku_dev.csv"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from engine.config import ModelConfig
+    from engine.model import ensure_tiny_model
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    ensure_tiny_model(ModelConfig(path=str(path), quant="none", build_tiny=True), str(SAMPLE))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model):
+    from engine.model import load_tokenizer
+    return load_tokenizer(tiny_model)
+
+
+@pytest.fixture(scope="session")
+def ax_tokenizer():
+    if not AX_TOKENIZER.is_dir():
+        pytest.skip("../shared/models/ax4-light-tokenizer is absent")
+    from engine.model import load_tokenizer
+    return load_tokenizer(AX_TOKENIZER)
+
+
+@pytest.fixture(scope="session")
+def fsku_dev() -> Path:
+    if not FSKU_DEV.is_file():
+        pytest.skip("../shared/data/fsku/fsku_dev.csv is absent")
+    return FSKU_DEV
+
+
+def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `python ARGS...` from the repository root, capturing output."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def tiny_overrides(tiny_model: Path, out: Path, *extra: str) -> list[str]:
+    return [f"model.path={tiny_model}", f"data.train={SAMPLE}", f"output_dir={out}", *extra]
+
+
+def events(run_dir: Path, kind: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return [e for e in map(json.loads, lines) if e["event"] == kind]

@@ -1,0 +1,104 @@
+from dataclasses import replace
+
+import pytest
+import torch
+
+from conftest import SAMPLE
+from decode.digits import digit_token_ids
+from decode.mc import answer_mc, rotate_options
+from decode.subjective import answer_subjective
+from engine.config import ModelConfig
+from engine.data import Example, encode_prompt, read_examples
+from engine.errors import UserError
+from engine.model import load_base_model
+from metrics.text import sentences, trim_sentences
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    torch.manual_seed(0)
+    return load_base_model(ModelConfig(path=str(tiny_model), quant="none")).eval()
+
+
+def test_real_tokenizer_digits_are_57_to_61_after_the_answer_prefix(ax_tokenizer, fsku_dev):
+    ex = read_examples(fsku_dev)[0]
+    prompt = encode_prompt(ax_tokenizer, ex, "당신은 금융보안 전문가입니다.")
+    assert digit_token_ids(ax_tokenizer, prompt)[:5] == [57, 58, 59, 60, 61]
+
+
+class SplittingTokenizer:
+    """A tokenizer that merges a digit into the prompt's last token: must be refused."""
+    def decode(self, ids, skip_special_tokens=False):
+        return "x"
+
+    def encode(self, text, add_special_tokens=False):
+        return [1] if len(text) == 1 else [7]
+
+
+def test_a_tokenizer_that_merges_digits_is_an_error():
+    with pytest.raises(UserError, match="digit 1 is not one token after the answer prefix"):
+        digit_token_ids(SplittingTokenizer(), [5])
+
+
+def test_rotate_options():
+    q = "질문?\n1 가\n2 나\n3 다\n4 라"
+    assert rotate_options(q, 1) == "질문?\n1 나\n2 다\n3 라\n4 가"
+    assert rotate_options(q, 0) == q
+
+
+def test_mc_answers_are_always_allowed_digits(model, tiny_tokenizer):
+    examples = [e for e in read_examples(SAMPLE) if e.kind == "mc"]
+    prompts = [encode_prompt(tiny_tokenizer, e, "s") for e in examples]
+    digits = digit_token_ids(tiny_tokenizer, prompts[0])
+    got = answer_mc(model, tiny_tokenizer, examples, lambda e: encode_prompt(tiny_tokenizer, e, "s"), digits, 8)
+    assert len(got) == len(examples)
+    for e, a in zip(examples, got):
+        assert a.choice in {str(d) for d in range(1, e.n_options + 1)}
+        assert isinstance(a.raw, str) and a.raw
+    # batching and padding do not change the answer
+    one = answer_mc(model, tiny_tokenizer, examples[:5], lambda e: encode_prompt(tiny_tokenizer, e, "s"), digits, 1)
+    assert [a.choice for a in one] == [a.choice for a in got[:5]]
+
+
+def test_mc_mask_follows_the_option_count(model, tiny_tokenizer):
+    """Whatever the model prefers, a 4-option question never gets 5..9."""
+    e4 = Example("x", "질문?\n1 가\n2 나\n3 다\n4 라", None, "mc", 4)
+    prompts = [encode_prompt(tiny_tokenizer, e4, "s")]
+    digits = digit_token_ids(tiny_tokenizer, prompts[0])
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        head.weight[digits[6]] += 100.0  # make "7" overwhelming
+    try:
+        a = answer_mc(model, tiny_tokenizer, [e4], lambda e: encode_prompt(tiny_tokenizer, e, "s"), digits, 1)[0]
+        assert a.raw == "7" and a.choice in {"1", "2", "3", "4"}
+    finally:
+        with torch.no_grad():
+            head.weight[digits[6]] -= 100.0
+
+
+def test_permuted_scoring_returns_original_option_numbers(model, tiny_tokenizer):
+    examples = [e for e in read_examples(SAMPLE) if e.kind == "mc"][:6]
+    enc = lambda e: encode_prompt(tiny_tokenizer, e, "s")  # noqa: E731
+    digits = digit_token_ids(tiny_tokenizer, enc(examples[0]))
+    got = answer_mc(model, tiny_tokenizer, examples, enc, digits, 4, permutations=4)
+    assert all(1 <= int(a.choice) <= e.n_options for e, a in zip(examples, got))
+
+
+def test_subjective_generation_is_capped_and_trimmed(model, tiny_tokenizer):
+    examples = [e for e in read_examples(SAMPLE) if e.kind == "subj"][:4]
+    prompts = [encode_prompt(tiny_tokenizer, e, "s") for e in examples]
+    got = answer_subjective(model, tiny_tokenizer, prompts, max_new_tokens=12, no_repeat_ngram_size=3,
+                            temperature=0.0, max_sentences=2, max_chars=300, batch_size=2,
+                            fallbacks=["대체"] * 4)
+    for a in got:
+        assert a.text.strip() and a.n_tokens <= 12 and len(sentences(a.text)) <= 2
+    again = answer_subjective(model, tiny_tokenizer, prompts, max_new_tokens=12, no_repeat_ngram_size=3,
+                              temperature=0.0, max_sentences=2, max_chars=300, batch_size=2)
+    assert [a.text for a in again] == [a.text if a.text != "대체" else "" for a in got]  # greedy: deterministic
+
+
+def test_trim_sentences():
+    assert trim_sentences("첫째다. 둘째다. 셋째다.", 2, 300) == "첫째다. 둘째다."
+    assert trim_sentences("  한 문장  ", 2, 300) == "한 문장"
+    assert len(trim_sentences("가" * 500, 2, 300)) == 300
+    assert trim_sentences("짧다. " + "가" * 400, 2, 300) == "짧다."

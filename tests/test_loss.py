@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+from conftest import SAMPLE
+from engine.config import LoraConfig, ModelConfig
+from engine.data import encode_all, read_examples
+from engine.loss import answer_token_losses, collate, weighted_loss_sum
+from engine.model import add_lora, load_base_model
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model, tiny_tokenizer):
+    torch.manual_seed(0)
+    model = add_lora(load_base_model(ModelConfig(path=str(tiny_model), quant="none")),
+                     LoraConfig(r=4, alpha=8, dropout=0.0), gradient_checkpointing=False)
+    for name, p in model.named_parameters():  # non-zero B so LoRA changes the output
+        if "lora_B" in name:
+            p.data.normal_(0, 0.02)
+    examples = read_examples(SAMPLE)
+    enc = encode_all(tiny_tokenizer, examples[:6] + [e for e in examples if e.kind == "subj"][:2], "s", 512)
+    return model, enc, tiny_tokenizer.pad_token_id
+
+
+def test_answer_only_head_equals_full_logits_loss(setup):
+    model, enc, pad = setup
+    batch = collate(enc, pad)
+    ce, rows = answer_token_losses(model, batch)
+    full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
+    assert ce.numel() == batch.n_answer_tokens
+    assert abs(float(ce.mean()) - float(full)) < 1e-5
+    assert rows.tolist() == sorted(rows.tolist()) and set(rows.tolist()) == set(range(len(enc)))
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("weighting", ["token", "example"])
+def test_accumulated_micro_batches_equal_one_batch(setup, weighting):
+    model, enc, pad = setup
+    model.zero_grad()
+    whole = collate(enc, pad)
+    ce, rows = answer_token_losses(model, whole)
+    denom = whole.n_answer_tokens if weighting == "token" else len(enc)
+    loss_whole = weighted_loss_sum(ce, rows, len(enc), weighting) / denom
+    loss_whole.backward()
+    g_whole = grads(model)
+    model.zero_grad()
+    parts = [collate(enc[k:k + 3], pad) for k in range(0, len(enc), 3)]
+    denom = sum(b.n_answer_tokens for b in parts) if weighting == "token" else len(enc)
+    total = 0.0
+    for b in parts:
+        ce, rows = answer_token_losses(model, b)
+        part = weighted_loss_sum(ce, rows, b.input_ids.shape[0], weighting) / denom
+        part.backward()
+        total += float(part)
+    assert abs(total - float(loss_whole)) < 1e-5
+    for name, g in grads(model).items():
+        assert torch.allclose(g, g_whole[name], atol=1e-6), name
+
+
+def test_example_weighting_is_the_mean_of_example_means(setup):
+    model, enc, pad = setup
+    batch = collate(enc, pad)
+    with torch.no_grad():
+        ce, rows = answer_token_losses(model, batch)
+    per_example = [float(ce[rows == r].mean()) for r in range(len(enc))]
+    got = float(weighted_loss_sum(ce, rows, len(enc), "example")) / len(enc)
+    assert abs(got - sum(per_example) / len(per_example)) < 1e-6
+    # a 2-token MC answer and a long subjective one weigh the same; token weighting does not
+    assert abs(float(ce.mean()) - got) > 1e-4

@@ -1,0 +1,22 @@
+"""python train.py RECIPE [section.key=value ...]: train LoRA adapters as the recipe says (see README)."""
+from __future__ import annotations
+
+import argparse
+
+from engine.errors import run_cli
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="Fine-tune with QLoRA from a recipe.")
+    parser.add_argument("recipe", help="recipe YAML, e.g. recipes/setB.yaml")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, applied last")
+    args = parser.parse_args()
+    from engine.config import load_recipe
+    recipe = load_recipe(args.recipe, args.overrides)
+    from engine.loop import run
+    run(recipe, args.overrides)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
