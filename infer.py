@@ -149,7 +149,7 @@ def main() -> int:
     from decode.mc import answer_mc
     from decode.subjective import answer_subjective
     from engine.data import encode_prompt
-    from engine.evaluate import autocast
+    from engine.loss import autocast
     from engine.model import load_adapter, load_base_model, load_tokenizer
 
     partial = args.out.with_name(args.out.name + ".partial.jsonl")

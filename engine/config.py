@@ -86,6 +86,8 @@ class TrainConfig:
     resume: bool = True
     skip_nonfinite: int = 0
     label_smoothing: float = 0.0
+    ce_chunk: int = 4096
+    """Labelled positions per head/loss chunk (checkpointed); 0 runs the head on all at once."""
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
 
 
@@ -151,7 +153,7 @@ NON_NEGATIVE = {"train.max_steps", "train.warmup_ratio", "train.weight_decay", "
                 "train.skip_nonfinite", "train.sampler.subj_weight", "train.min_lr_ratio",
                 "eval.every_steps", "eval.patience", "decode.temperature", "decode.no_repeat_ngram_size",
                 "lora.dropout", "checkpoint.every_steps", "train.label_smoothing",
-                "train.sampler.phases.subj_weight"}
+                "train.sampler.phases.subj_weight", "train.ce_chunk"}
 UNIT_INTERVAL = {"train.warmup_ratio", "lora.dropout", "data.eval_share", "eval.mc_weight",
                  "eval.cos_weight", "train.min_lr_ratio"}
 

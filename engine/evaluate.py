@@ -2,7 +2,6 @@
 decoding), scored with the competition metric. Leaves the training RNG untouched."""
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -16,15 +15,9 @@ from decode.mc import answer_mc
 from decode.subjective import answer_subjective
 from engine.config import Recipe
 from engine.data import Encoded, Example, encode_all, encode_prompt
-from engine.loss import answer_token_losses, collate
+from engine.loss import answer_token_losses, autocast, collate
 from metrics.embedders import load_embedder
 from metrics.score import Gold, Prediction, ScoreConfig, score
-
-
-def autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 @torch.no_grad()

@@ -26,8 +26,8 @@ from engine.checkpoint import latest_checkpoint, load_checkpoint, save_adapter, 
 from engine.config import Recipe, dump_recipe, recipe_to_dict
 from engine.data import encode_all, read_examples
 from engine.errors import TrainingError, UserError
-from engine.evaluate import Evaluator, autocast
-from engine.loss import answer_token_losses, collate, weighted_loss_sum
+from engine.evaluate import Evaluator
+from engine.loss import collate, forward_backward
 from engine.model import add_lora, count_parameters, ensure_tiny_model, load_base_model, load_tokenizer
 from engine.sampling import Sampler, micro_batches
 from engine.schedule import lr_at
@@ -240,15 +240,8 @@ def run(recipe: Recipe, overrides: list[str] = ()) -> dict:
         indices = sampler.batch_at(step)
         batches = [collate([encoded[i] for i in mb], pad_id, device)
                    for mb in micro_batches(indices, t.micro_batch, lengths, t.sampler.group_by_length)]
-        denom = sum(b.n_answer_tokens for b in batches) if t.loss_weighting == "token" else len(indices)
-        loss = torch.zeros((), device=device)
         try:
-            for b in batches:
-                with autocast(device):
-                    ce, rows = answer_token_losses(model, b)
-                part = weighted_loss_sum(ce, rows, b.input_ids.shape[0], t.loss_weighting) / denom
-                part.backward()
-                loss += part.detach()
+            loss = forward_backward(model, batches, t.loss_weighting, t.ce_chunk)
         except torch.cuda.OutOfMemoryError:
             width = max(b.input_ids.shape[1] for b in batches)
             raise TrainingError(f"step {step + 1}: CUDA out of memory at micro-batch {t.micro_batch} x "

@@ -1,11 +1,13 @@
 """Cross-entropy on answer tokens only, with the head applied to those positions alone."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from decode.forward import decoder_and_head, hidden_states
 from engine.data import Encoded
@@ -40,16 +42,28 @@ def collate(items: Sequence[Encoded], pad_id: int, device: torch.device | str = 
     return Batch(ids.to(device), mask.to(device), labels.to(device))
 
 
-def answer_token_losses(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-answer-token cross-entropy (fp32) and the batch row each token belongs to."""
+def _head_ce(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="none")
+
+
+def answer_token_losses(model, batch: Batch, chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-answer-token cross-entropy (fp32) and the batch row each token belongs to.
+
+    With `chunk` > 0 and more labelled positions than that, the head and the loss run `chunk` positions at
+    a time under activation checkpointing, so the fp32 logits of at most one chunk ever exist (they are
+    recomputed in backward): 8 x 2048 labelled tokens would otherwise hold 6.7 GB of logits.
+    """
     hidden = hidden_states(model, batch.input_ids, batch.attention_mask)
     targets = batch.labels[:, 1:]
     keep = targets != -100
     _, head = decoder_and_head(model)
-    logits = head(hidden[:, :-1][keep]).float()
-    ce = F.cross_entropy(logits, targets[keep], reduction="none")
-    rows = keep.nonzero()[:, 0]
-    return ce, rows
+    h, t = hidden[:, :-1][keep], targets[keep]
+    if chunk and h.shape[0] > chunk and torch.is_grad_enabled():
+        ce = torch.cat([checkpoint(_head_ce, head, h[i:i + chunk], t[i:i + chunk], use_reentrant=False)
+                        for i in range(0, h.shape[0], chunk)])
+    else:
+        ce = _head_ce(head, h, t)
+    return ce, keep.nonzero()[:, 0]
 
 
 def weighted_loss_sum(ce: torch.Tensor, rows: torch.Tensor, n_rows: int, weighting: str) -> torch.Tensor:
@@ -63,3 +77,32 @@ def weighted_loss_sum(ce: torch.Tensor, rows: torch.Tensor, n_rows: int, weighti
     counts = torch.zeros(n_rows, device=ce.device).index_add_(0, rows, torch.ones_like(ce))
     sums = torch.zeros(n_rows, device=ce.device).index_add_(0, rows, ce)
     return (sums[counts > 0] / counts[counts > 0]).sum()
+
+
+def forward_backward(model, batches: Sequence[Batch], weighting: str, chunk: int = 0) -> torch.Tensor:
+    """Accumulate the gradient of one optimizer step over its micro-batches; returns the step's loss.
+
+    Each micro-batch's summed loss is divided by the whole step's answer-token count (token weighting)
+    or example count (example weighting) before backward, so the sum of the micro-batch gradients is
+    the gradient of the whole batch's loss.
+    """
+    if weighting == "token":
+        denom = sum(b.n_answer_tokens for b in batches)
+    else:
+        denom = sum(int(((b.labels[:, 1:] != -100).sum(1) > 0).sum()) for b in batches)
+    device = batches[0].input_ids.device
+    loss = torch.zeros((), device=device)
+    for b in batches:
+        with autocast(device):
+            ce, rows = answer_token_losses(model, b, chunk)
+        part = weighted_loss_sum(ce, rows, b.input_ids.shape[0], weighting) / max(1, denom)
+        part.backward()
+        loss += part.detach()
+    return loss
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; nothing on CPU, where the tiny models run in fp32."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()

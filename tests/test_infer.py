@@ -120,3 +120,32 @@ def test_bad_command_lines_exit_2(tiny_model, tmp_path, make, message):
     assert res.returncode == 2 and message in res.stderr, res.stderr[-1000:]
     assert "Traceback" not in res.stderr
     assert not (tmp_path / "o.csv").exists()
+
+
+def save_fresh_adapter(base_dir: Path, out: Path) -> Path:
+    from engine.config import LoraConfig, ModelConfig
+    from engine.model import add_lora, load_base_model
+    model = add_lora(load_base_model(ModelConfig(path=str(base_dir), quant="none")), LoraConfig(r=4, alpha=8), False)
+    model.save_pretrained(str(out))
+    return out
+
+
+def test_with_an_adapter(tiny_model, test_csv, tmp_path):
+    adapter = save_fresh_adapter(tiny_model, tmp_path / "adapter")
+    res = run_cli(*infer_args(tiny_model, test_csv, tmp_path / "s.csv", "--adapter", str(adapter)))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"adapter {adapter}" in res.stderr
+
+
+def test_an_adapter_from_another_base_model_is_refused(tiny_model, test_csv, tmp_path):
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    other = tmp_path / "other"
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(str(other))
+    adapter = save_fresh_adapter(other, tmp_path / "adapter")
+    res = run_cli(*infer_args(tiny_model, test_csv, tmp_path / "s.csv", "--adapter", str(adapter)))
+    assert res.returncode == 2 and "does not fit this base model" in res.stderr, res.stderr[-2000:]
+    assert len(res.stderr.strip().splitlines()[-1:]) == 1 and "Traceback" not in res.stderr
+    assert not (tmp_path / "s.csv").exists()

@@ -4,7 +4,7 @@ import torch
 from conftest import SAMPLE
 from engine.config import LoraConfig, ModelConfig
 from engine.data import encode_all, read_examples
-from engine.loss import answer_token_losses, collate, weighted_loss_sum
+from engine.loss import Batch, answer_token_losses, collate, forward_backward, weighted_loss_sum
 from engine.model import add_lora, load_base_model
 
 
@@ -46,17 +46,26 @@ def test_accumulated_micro_batches_equal_one_batch(setup, weighting):
     loss_whole.backward()
     g_whole = grads(model)
     model.zero_grad()
-    parts = [collate(enc[k:k + 3], pad) for k in range(0, len(enc), 3)]
-    denom = sum(b.n_answer_tokens for b in parts) if weighting == "token" else len(enc)
-    total = 0.0
-    for b in parts:
-        ce, rows = answer_token_losses(model, b)
-        part = weighted_loss_sum(ce, rows, b.input_ids.shape[0], weighting) / denom
-        part.backward()
-        total += float(part)
-    assert abs(total - float(loss_whole)) < 1e-5
+    loss = forward_backward(model, [collate(enc[k:k + 3], pad) for k in range(0, len(enc), 3)], weighting)
+    assert abs(float(loss) - float(loss_whole)) < 1e-5
     for name, g in grads(model).items():
         assert torch.allclose(g, g_whole[name], atol=1e-6), name
+
+
+def test_chunked_head_is_the_same_loss_and_gradient(setup):
+    """The chunked, checkpointed head/loss lever computes the same function (fp32, 1e-4)."""
+    model, enc, pad = setup
+    batch = collate(enc, pad)
+    all_tokens = Batch(batch.input_ids, batch.attention_mask,
+                       torch.where(batch.attention_mask.bool(), batch.input_ids, torch.tensor(-100)))
+    results = []
+    for chunk in (0, 7):
+        model.zero_grad()
+        loss = forward_backward(model, [all_tokens], "token", chunk)
+        results.append((float(loss), grads(model)))
+    assert abs(results[0][0] - results[1][0]) < 1e-4
+    for name, g in results[0][1].items():
+        assert torch.allclose(g, results[1][1][name], atol=1e-5), name
 
 
 def test_example_weighting_is_the_mean_of_example_means(setup):

@@ -1,0 +1,175 @@
+"""Training speed and memory: the HF Trainer + prepare_model_for_kbit_training + peft recipe against our
+loop, in one process on one card, on the same random A.X-shape model in 4-bit NF4.
+
+Shapes: full-length random sequences (4 x 512, 8 x 1024, 8 x 2048; loss on every token) and the FSKU
+length mix (micro-batch 8 and 16; loss on answer tokens only, HF padded to the longest row of each batch
+as its collator does). Median step time of the steps after 3 warm-up steps, synchronised.
+
+    python -m bench.bench_train MODEL_DIR OUT_JSON [--steps 13] [--shapes 4x512,8x1024,8x2048,mix8,mix16]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import gc
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.common import StepTimer, card, fsku_length_mix, peak_gib, reset_peak, write_json
+from engine.config import LoraConfig, ModelConfig
+from engine.data import Encoded
+from engine.loss import collate, forward_backward
+
+WARMUP = 3
+VOCAB_LOW = 1000  # random ids above the special tokens
+
+
+def batches_for(shape: str, steps: int, vocab: int, seed: int = 0) -> list[list[Encoded]]:
+    """One micro-batch of Encoded items a step; full-length shapes carry labels on every token."""
+    rng = np.random.default_rng(seed)
+    low = min(VOCAB_LOW, vocab // 2)
+    out = []
+    if shape.startswith("mix"):
+        mb = int(shape[3:])
+        mix = fsku_length_mix(mb * steps, seed)
+        for s in range(steps):
+            items = []
+            for p_len, a_len in mix[s * mb:(s + 1) * mb]:
+                ids = rng.integers(low, vocab, p_len + a_len).tolist()
+                items.append(Encoded(ids, [-100] * p_len + ids[p_len:], None))
+            out.append(items)
+        return out
+    mb, seq = (int(x) for x in shape.split("x"))
+    for _ in range(steps):
+        items = []
+        for _ in range(mb):
+            ids = rng.integers(low, vocab, seq).tolist()
+            items.append(Encoded(ids, list(ids), None))
+        out.append(items)
+    return out
+
+
+def vocab_size(model_dir: str) -> int:
+    return json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
+
+
+def counts(steps: list[list[Encoded]]) -> tuple[float, float]:
+    """Mean tokens a step as padded to the longest row, and mean real tokens a step."""
+    padded = [len(b) * max(len(e.input_ids) for e in b) for b in steps]
+    real = [sum(len(e.input_ids) for e in b) for b in steps]
+    return float(np.mean(padded)), float(np.mean(real))
+
+
+def hf_model(model_dir: str):
+    """The HF recipe's model: 4-bit, prepare_model_for_kbit_training, peft LoRA on all seven projections."""
+    from peft import LoraConfig as PeftLora, get_peft_model, prepare_model_for_kbit_training
+    from engine.model import load_base_model
+
+    model = load_base_model(ModelConfig(path=model_dir, quant="nf4"))
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    return get_peft_model(model, PeftLora(r=16, lora_alpha=32, lora_dropout=0.05, bias="none", task_type="CAUSAL_LM",
+                                          target_modules=LoraConfig().targets))
+
+
+def run_hf(model, data: list[list[Encoded]]) -> dict:
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    timer = StepTimer()
+
+    class Timing(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            timer.start()
+
+        def on_step_end(self, args, state, control, **kw):
+            timer.stop()
+
+    def collate_fn(items):
+        b = collate([Encoded(i["input_ids"], i["labels"], None) for i in items], 1)
+        return {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "labels": b.labels}
+
+    args = TrainingArguments(output_dir="/tmp/hf-bench", per_device_train_batch_size=len(data[0]),
+                             max_steps=len(data), learning_rate=1e-4, bf16=torch.cuda.is_available(),
+                             gradient_checkpointing=True, optim="adamw_torch", logging_steps=10_000,
+                             save_strategy="no", report_to=[], remove_unused_columns=False, dataloader_drop_last=True,
+                             seed=0, disable_tqdm=True)
+    dataset = [{"input_ids": e.input_ids, "labels": e.labels} for b in data for e in b]
+    reset_peak()
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate_fn, callbacks=[Timing()])
+    trainer.train()
+    result = {"step_s": timer.median(WARMUP), "peak_gib": peak_gib()}
+    del trainer
+    gc.collect()
+    return result
+
+
+def our_model(model_dir: str):
+    from engine.model import add_lora, load_base_model
+
+    model = add_lora(load_base_model(ModelConfig(path=model_dir, quant="nf4")), LoraConfig(), True)
+    model.train()
+    return model
+
+
+def run_ours(model, data: list[list[Encoded]], chunk: int = 4096) -> dict:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=torch.cuda.is_available() or None)
+    device = next(model.parameters()).device
+    timer = StepTimer()
+    reset_peak()
+    losses = []
+    for items in data:
+        timer.start()
+        loss = forward_backward(model, [collate(items, 1, device)], "token", chunk)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        timer.stop()
+        losses.append(float(loss))
+    result = {"step_s": timer.median(WARMUP), "peak_gib": peak_gib(), "first_losses": losses[:3]}
+    del opt
+    gc.collect()
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("model_dir")
+    p.add_argument("out_json")
+    p.add_argument("--steps", type=int, default=13)
+    p.add_argument("--shapes", default="4x512,8x1024,8x2048,mix8,mix16")
+    p.add_argument("--skip-hf", action="store_true")
+    a = p.parse_args()
+    results = {"card": card(), "date": time.strftime("%Y-%m-%d"), "steps": a.steps, "warmup": WARMUP, "shapes": {}}
+    shapes = a.shapes.split(",")
+    vocab = vocab_size(a.model_dir)
+    data = {shape: batches_for(shape, a.steps, vocab) for shape in shapes}
+    for runner, make, prefix in ((run_ours, our_model, "ours"), (run_hf, hf_model, "hf")):
+        if prefix == "hf" and a.skip_hf:
+            continue
+        model = make(a.model_dir)
+        for shape in shapes:
+            padded, real = counts(data[shape])
+            entry = results["shapes"].setdefault(shape, {"padded_tokens_per_step": padded,
+                                                         "real_tokens_per_step": real})
+            r = runner(model, data[shape])
+            entry.update({f"{prefix}_step_s": r["step_s"], f"{prefix}_tokens_per_s": padded / r["step_s"],
+                          f"{prefix}_real_tokens_per_s": real / r["step_s"], f"{prefix}_peak_gib": r["peak_gib"]})
+            if "first_losses" in r:
+                entry[f"{prefix}_first_losses"] = r["first_losses"]
+            if "hf_step_s" in entry and "ours_step_s" in entry:
+                entry["speedup_vs_hf"] = entry["hf_step_s"] / entry["ours_step_s"]
+                entry["peak_mem_ratio_vs_hf"] = entry["ours_peak_gib"] / max(entry["hf_peak_gib"], 1e-9)
+            print(prefix, shape, {k: round(v, 3) if isinstance(v, float) else v for k, v in entry.items()},
+                  flush=True)
+            write_json(Path(a.out_json), results)
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One device call: stage "loop" (train.py baseline 30 steps, infer.py on a contest-shaped file, in-loop eval
+# timing) or stage "train" (HF Trainer vs our loop). Needs .whl (../shared/tools/gpu-carry.sh) and .carry
+# (A.X tokenizer files + FSKU dev CSV) carried along. Results land in $OUT.
+set -uo pipefail
+stage=${1:-loop}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site:$PWD || exit 1
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+M=.cache/ax-random D=.cache/bench-data
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu_$stage.txt"
+python3 -c "import torch, transformers, peft, bitsandbytes as b; print(torch.__version__, transformers.__version__, peft.__version__, b.__version__)" >> "$OUT/gpu_$stage.txt"
+t=$(date +%s)
+python3 -c "from pathlib import Path; from bench.common import make_random_model as m; m(Path('.carry/ax4-light-tokenizer'), Path('$M'))" || exit 1
+echo "model ready after $(( $(date +%s) - t )) s" >> "$OUT/gpu_$stage.txt"
+python3 -m bench.make_data .carry/fsku_dev.csv .carry/ax4-light-tokenizer $D || exit 1
+if [ "$stage" = loop ]; then
+  rm -rf .cache/run-baseline
+  python3 train.py recipes/baseline.yaml model.path=$M data.train=$D/long512.csv train.max_steps=30 \
+    train.micro_batch=4 train.grad_accum=1 eval.generate=false eval.every_steps=0 data.eval_size=16 \
+    output_dir=.cache/run-baseline > "$OUT/baseline.log" 2>&1
+  cp .cache/run-baseline/metrics.jsonl "$OUT/baseline_metrics.jsonl"
+  python3 infer.py --test $D/contest.csv --out .cache/submission.csv --model $M --batch-size 64 \
+    > "$OUT/infer.json" 2> "$OUT/infer.log"
+  python3 -m bench.bench_eval $M $D/eval2000.csv "$OUT/eval.json" > "$OUT/eval.log" 2>&1
+else
+  python3 -m bench.bench_train $M "$OUT/train.json" > "$OUT/train.log" 2>&1
+fi
+tail -3 "$OUT"/*.log; cat "$OUT"/*.json | head -60
