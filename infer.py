@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from engine.errors import UserError, run_cli
+from engine.faults import fault
 
 
 def parse_args() -> argparse.Namespace:
@@ -127,6 +128,7 @@ def write_csv_atomically(path: Path, examples, answers: dict[str, str]) -> None:
     tmp.write_text(buf.getvalue(), encoding="utf-8")
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
+    fault("kill-infer-write")
     os.replace(tmp, path)
 
 

@@ -11,7 +11,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -65,12 +65,14 @@ def save_adapter(model, out: Path) -> None:
     _write_dir_atomically(out, lambda d: model.save_pretrained(str(d)))
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, loop_state: dict) -> Path:
+def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, loop_state: dict,
+                    on_half_written: Callable[[], object] = lambda: None) -> Path:
     """Write checkpoints/step-<step>; `loop_state` holds what the loop needs to go on (best score...)."""
     final = ckpt_root / f"step-{step}"
 
     def fill(d: Path) -> None:
         model.save_pretrained(str(d))
+        on_half_written()
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(), "loop": loop_state},
                    d / "state.pt")
 
@@ -88,6 +90,14 @@ def complete_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
         if m and (p / "state.pt").is_file() and (p / ADAPTER_FILE).is_file():
             found.append((int(m.group(1)), p))
     return sorted(found)
+
+
+def remove_partial_writes(ckpt_root: Path) -> None:
+    """Delete temporary directories a killed write left behind (they never count as checkpoints)."""
+    if ckpt_root.is_dir():
+        for p in ckpt_root.iterdir():
+            if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name):
+                shutil.rmtree(p, ignore_errors=True)
 
 
 def latest_checkpoint(ckpt_root: Path) -> Optional[Path]:

@@ -289,6 +289,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         path, value = parse_override(text)
         key = ".".join(path)
         if key not in valid:
+            inside = sorted(k for k in valid if k.startswith(key + "."))
+            if inside:
+                raise UserError(f"command line: {key} is a section; set one of its keys, e.g. {inside[0]}=...")
             raise _unknown_key(key, "command line")
         node = data
         for part in path[:-1]:

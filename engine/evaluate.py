@@ -6,7 +6,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -89,7 +89,7 @@ class Evaluator:
             preds[i] = Prediction(self.examples[i].id, a.text, n_tokens=a.n_tokens)
         return Decoded(preds, t1 - t0, t2 - t1)
 
-    def __call__(self, model, step: int) -> dict:
+    def __call__(self, model, step: int, on_decoded: Callable[[], object] = lambda: None) -> dict:
         """One eval event (without the `event`/`step` keys); predictions go to eval/step-<N>.jsonl."""
         device = next(model.parameters()).device
         was_training = model.training
@@ -102,6 +102,7 @@ class Evaluator:
                                                  self.tokenizer.pad_token_id)}
                 if self.recipe.eval.generate:
                     decoded = self.decode(model)
+                    on_decoded()
                     summary, rows = score(self.golds, decoded.predictions, self.embedder, self.score_config())
                     result.update(summary)
                     result["decode_seconds"] = decoded.mc_seconds + decoded.subj_seconds

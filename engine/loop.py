@@ -14,7 +14,7 @@ import random
 import resource
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -22,10 +22,12 @@ import numpy as np
 import torch
 import yaml
 
-from engine.checkpoint import latest_checkpoint, load_checkpoint, save_adapter, save_checkpoint
+from engine.checkpoint import (latest_checkpoint, load_checkpoint, remove_partial_writes, save_adapter,
+                               save_checkpoint)
 from engine.config import Recipe, dump_recipe, recipe_to_dict
 from engine.data import encode_all, read_examples
 from engine.errors import TrainingError, UserError
+from engine.faults import fault
 from engine.evaluate import Evaluator
 from engine.loss import collate, forward_backward
 from engine.model import add_lora, count_parameters, ensure_tiny_model, load_base_model, load_tokenizer
@@ -135,7 +137,6 @@ class LoopState:
     skipped_nonfinite: int = 0
     last_eval_step: int = 0
     stop_reason: str = ""
-    history: list = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -160,6 +161,8 @@ def run(recipe: Recipe, overrides: list[str] = ()) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.perf_counter()
     check_inputs(recipe)
+    all_train = read_examples(recipe.data.train)
+    eval_pool = read_examples(recipe.data.eval) if recipe.data.eval else None
     run_dir = prepare_run_dir(recipe, list(overrides))
     setup_logging(run_dir)
     random.seed(recipe.seed)
@@ -170,8 +173,6 @@ def run(recipe: Recipe, overrides: list[str] = ()) -> dict:
 
     ensure_tiny_model(recipe.model, recipe.data.train)
     tokenizer = load_tokenizer(recipe.model.path)
-    all_train = read_examples(recipe.data.train)
-    eval_pool = read_examples(recipe.data.eval) if recipe.data.eval else None
     train_ex, eval_ex = split_train_eval(all_train, eval_pool, recipe.data.eval_share, recipe.data.eval_size,
                                          recipe.seed)
     eval_ex = pin_eval_subset(run_dir, eval_ex, eval_pool if eval_pool is not None else all_train)
@@ -196,6 +197,7 @@ def run(recipe: Recipe, overrides: list[str] = ()) -> dict:
     ckpt_root = run_dir / "checkpoints"
 
     state, step = LoopState(), 0
+    remove_partial_writes(ckpt_root)
     resume_from = latest_checkpoint(ckpt_root) if t.resume else None
     if resume_from is not None:
         saved = load_checkpoint(resume_from, model, optimizer)
@@ -205,18 +207,18 @@ def run(recipe: Recipe, overrides: list[str] = ()) -> dict:
 
     def checkpoint(at: int) -> None:
         try:
-            save_checkpoint(ckpt_root, at, model, optimizer, state.as_dict())
+            save_checkpoint(ckpt_root, at, model, optimizer, state.as_dict(),
+                            on_half_written=lambda: fault("kill-checkpoint", at) or fault("enospc", at))
         except OSError as e:
             raise TrainingError(f"step {at}: cannot write checkpoint under {ckpt_root}: {e.strerror}; "
                                 f"the previous checkpoint is intact") from None
 
     def evaluate(at: int) -> bool:
         """Log an eval event, follow the best, and say whether early stopping fires."""
-        result = evaluator(model, at)
+        result = evaluator(model, at, on_decoded=lambda: fault("kill-eval", at))
         metrics.write({"event": "eval", "step": at, **result})
         state.last_eval_step = at
         score = result.get("final_score", -result["eval_loss"])
-        state.history.append([at, score])
         if state.best_score is None or score > state.best_score:
             state.best_score, state.best_step, state.evals_without_gain = score, at, 0
             save_adapter(model, ckpt_root / "best")
@@ -241,7 +243,11 @@ def run(recipe: Recipe, overrides: list[str] = ()) -> dict:
         batches = [collate([encoded[i] for i in mb], pad_id, device)
                    for mb in micro_batches(indices, t.micro_batch, lengths, t.sampler.group_by_length)]
         try:
+            fault("oom", step + 1)
             loss = forward_backward(model, batches, t.loss_weighting, t.ce_chunk)
+            fault("kill-step", step + 1)
+            if fault("nan", step + 1):
+                loss = loss * float("nan")
         except torch.cuda.OutOfMemoryError:
             width = max(b.input_ids.shape[1] for b in batches)
             raise TrainingError(f"step {step + 1}: CUDA out of memory at micro-batch {t.micro_batch} x "
