@@ -14,8 +14,8 @@ def main() -> int:
     from engine.config import load_recipe
     recipe = load_recipe(args.recipe, args.overrides)
     from engine.loop import run
-    run(recipe, args.overrides)
-    return 0
+    summary = run(recipe, args.overrides)
+    return 1 if summary.get("overfit_check", {}).get("verdict") == "FAIL" else 0
 
 
 if __name__ == "__main__":

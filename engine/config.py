@@ -63,6 +63,10 @@ class DataConfig:
     """When absent, `eval_share` of the training rows (at most `eval_size`) is held out with the seed."""
     eval_size: int = 2000
     eval_share: float = 0.1
+    max_mc: int = 0
+    """Train on at most this many MC rows (a seeded draw; 0 = all)."""
+    max_subj: int = 0
+    """Train on at most this many subjective rows (a seeded draw; 0 = all)."""
     max_len: int = 1024
     system_prompt: str = "당신은 금융보안 전문가입니다. 질문에 정확하게 답하세요."
 
@@ -86,6 +90,9 @@ class TrainConfig:
     resume: bool = True
     skip_nonfinite: int = 0
     label_smoothing: float = 0.0
+    expect_loss_drop: float = 0.0
+    """Mini-overfit check: when > 0, the run ends with PASS (exit 0) if the mean train loss of the last
+    quarter of steps is at least this fraction under the first quarter's, else FAIL (exit 1)."""
     ce_chunk: int = 4096
     """Labelled positions per head/loss chunk (checkpointed); 0 runs the head on all at once."""
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -145,16 +152,17 @@ CHOICES = {
     "train.loss_weighting": ("token", "example"),
     "train.sampler.phases.kinds": ("all", "mc", "subj"),
 }
-POSITIVE = {"lora.r", "lora.alpha", "train.lr", "train.epochs", "train.micro_batch", "train.grad_accum",
+POSITIVE = {"lora.r", "lora.alpha", "train.epochs", "train.micro_batch", "train.grad_accum",
             "data.max_len", "data.eval_size", "decode.max_new_tokens", "decode.batch_size",
             "decode.max_sentences", "decode.max_chars", "decode.mc_permutations",
             "train.sampler.phases.epochs"}
-NON_NEGATIVE = {"train.max_steps", "train.warmup_ratio", "train.weight_decay", "train.max_grad_norm",
+NON_NEGATIVE = {"train.lr", "train.max_steps", "train.warmup_ratio", "train.weight_decay", "train.max_grad_norm",
                 "train.skip_nonfinite", "train.sampler.subj_weight", "train.min_lr_ratio",
                 "eval.every_steps", "eval.patience", "decode.temperature", "decode.no_repeat_ngram_size",
                 "lora.dropout", "checkpoint.every_steps", "train.label_smoothing",
-                "train.sampler.phases.subj_weight", "train.ce_chunk"}
-UNIT_INTERVAL = {"train.warmup_ratio", "lora.dropout", "data.eval_share", "eval.mc_weight",
+                "train.sampler.phases.subj_weight", "train.ce_chunk",
+                "data.max_mc", "data.max_subj"}
+UNIT_INTERVAL = {"train.warmup_ratio", "train.expect_loss_drop", "lora.dropout", "data.eval_share", "eval.mc_weight",
                  "eval.cos_weight", "train.min_lr_ratio"}
 
 

@@ -126,7 +126,7 @@ def _check_answer(answer: str, n_opt: int, where: str) -> str:
         return answer
     if not answer.strip():
         raise UserError(f"{where}, column Answer: empty answer")
-    return answer.strip()
+    return answer
 
 
 # --- prompts -------------------------------------------------------------------------------------------

@@ -22,18 +22,20 @@ import numpy as np
 import torch
 import yaml
 
+from decode.digits import digit_token_ids
 from engine.checkpoint import (latest_checkpoint, load_checkpoint, remove_partial_writes, save_adapter,
                                save_checkpoint)
 from engine.config import Recipe, dump_recipe, recipe_to_dict
-from engine.data import encode_all, read_examples
+from engine.data import encode_all, encode_prompt, read_examples
 from engine.errors import TrainingError, UserError
 from engine.faults import fault
+from engine.labels import check_labels
 from engine.evaluate import Evaluator
 from engine.loss import collate, forward_backward
 from engine.model import add_lora, count_parameters, ensure_tiny_model, load_base_model, load_tokenizer
 from engine.sampling import Sampler, micro_batches
 from engine.schedule import lr_at
-from engine.split import pin_eval_subset, split_train_eval
+from engine.split import cap_kinds, pin_eval_subset, split_train_eval
 
 log = logging.getLogger("engine")
 
@@ -154,6 +156,19 @@ def make_optimizer(model, recipe: Recipe):
     return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused or None)
 
 
+def overfit_verdict(metrics_path: Path, expected_drop: float) -> dict:
+    """PASS when the last quarter's mean train loss is `expected_drop` (a fraction) under the first's."""
+    losses = [e["loss"] for e in map(json.loads, metrics_path.read_text(encoding="utf-8").splitlines())
+              if e["event"] == "train"]
+    q = max(1, len(losses) // 4)
+    first, last = float(np.mean(losses[:q])), float(np.mean(losses[-q:]))
+    drop = 1 - last / first if first > 0 else 0.0
+    verdict = "PASS" if drop >= expected_drop else "FAIL"
+    return {"verdict": verdict, "first_quarter_loss": first, "last_quarter_loss": last, "drop": drop,
+            "reason": f"train loss {first:.4f} -> {last:.4f}, a {100 * drop:.1f}% drop, "
+                      f"{'at least' if verdict == 'PASS' else 'under'} the {100 * expected_drop:.0f}% asked"}
+
+
 # --- the run -------------------------------------------------------------------------------------------
 
 def run(recipe: Recipe, overrides: list[str] = ()) -> dict:
@@ -163,6 +178,15 @@ def run(recipe: Recipe, overrides: list[str] = ()) -> dict:
     check_inputs(recipe)
     all_train = read_examples(recipe.data.train)
     eval_pool = read_examples(recipe.data.eval) if recipe.data.eval else None
+    ensure_tiny_model(recipe.model, recipe.data.train)
+    tokenizer = load_tokenizer(recipe.model.path)
+    train_ex, eval_ex = split_train_eval(all_train, eval_pool, recipe.data.eval_share, recipe.data.eval_size,
+                                         recipe.seed)
+    train_ex = cap_kinds(train_ex, recipe.data.max_mc, recipe.data.max_subj, recipe.seed)
+    encoded = encode_all(tokenizer, train_ex, recipe.data.system_prompt, recipe.data.max_len)
+    digit_ids = digit_token_ids(tokenizer, encode_prompt(tokenizer, train_ex[0], recipe.data.system_prompt))
+    check_labels(recipe.data.train, encoded, digit_ids, tokenizer.eos_token_id)
+
     run_dir = prepare_run_dir(recipe, list(overrides))
     setup_logging(run_dir)
     random.seed(recipe.seed)
@@ -170,13 +194,7 @@ def run(recipe: Recipe, overrides: list[str] = ()) -> dict:
     torch.manual_seed(recipe.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t = recipe.train
-
-    ensure_tiny_model(recipe.model, recipe.data.train)
-    tokenizer = load_tokenizer(recipe.model.path)
-    train_ex, eval_ex = split_train_eval(all_train, eval_pool, recipe.data.eval_share, recipe.data.eval_size,
-                                         recipe.seed)
     eval_ex = pin_eval_subset(run_dir, eval_ex, eval_pool if eval_pool is not None else all_train)
-    encoded = encode_all(tokenizer, train_ex, recipe.data.system_prompt, recipe.data.max_len)
     lengths = [len(e.input_ids) for e in encoded]
     n_mc = sum(e.kind == "mc" for e in train_ex)
     log.info("data: %d train (%d MC, %d subjective), %d eval rows", len(train_ex), n_mc, len(train_ex) - n_mc,
@@ -306,8 +324,13 @@ def run(recipe: Recipe, overrides: list[str] = ()) -> dict:
     best_file = ckpt_root / "best" / "best.json"
     if best_file.exists():
         summary["best"] = json.loads(best_file.read_text(encoding="utf-8"))
+    if t.expect_loss_drop > 0:
+        summary["overfit_check"] = overfit_verdict(metrics.path, t.expect_loss_drop)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
     print(f"done: {step} steps ({state.stop_reason}), last loss {last_loss:.4f}, best score "
           f"{state.best_score if state.best_score is None else round(state.best_score, 4)} at step "
           f"{state.best_step}, {summary['wall_seconds']} s -> {run_dir}", flush=True)
+    if "overfit_check" in summary:
+        print(f"mini-overfit: {summary['overfit_check']['verdict']} ({summary['overfit_check']['reason']})",
+              flush=True)
     return summary

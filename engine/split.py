@@ -40,6 +40,16 @@ def split_train_eval(train: Sequence[Example], eval_pool: Optional[Sequence[Exam
     return list(train), stratified_take(eval_pool, eval_size, seed)
 
 
+def cap_kinds(examples: Sequence[Example], max_mc: int, max_subj: int, seed: int) -> list[Example]:
+    """At most `max_mc` MC and `max_subj` subjective examples (0 = no cap), a seeded draw in file order."""
+    rng = np.random.default_rng([seed, 11])
+    keep = set()
+    for kind, cap in (("mc", max_mc), ("subj", max_subj)):
+        idx = [i for i, e in enumerate(examples) if e.kind == kind]
+        keep |= set(idx if not cap or cap >= len(idx) else rng.choice(idx, cap, replace=False).tolist())
+    return [e for i, e in enumerate(examples) if i in keep]
+
+
 def pin_eval_subset(run_dir: Path, subset: list[Example], pool: Sequence[Example]) -> list[Example]:
     """Save the subset's IDs on first use; afterwards return the saved subset from `pool`."""
     path = run_dir / "eval_ids.json"

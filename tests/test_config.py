@@ -57,7 +57,7 @@ def test_extends_merges_parent_first_and_overrides_last(tmp_path):
     (BASE + "  lrr: 1\n", [], "unknown key train.lrr (did you mean train.lr?)"),
     (BASE, ["train.lrr=1"], "unknown key train.lrr (did you mean train.lr?)"),
     (BASE, ["train.nope.deep=1"], "unknown key train.nope.deep"),
-    (BASE, ["train.lr=-1"], "train.lr must be greater than 0"),
+    (BASE, ["train.lr=-1"], "train.lr must not be negative"),
     (BASE, ["train.epochs=0"], "train.epochs must be greater than 0"),
     (BASE, ["train.micro_batch=two"], "train.micro_batch must be an integer"),
     (BASE, ["train.micro_batch=2.5"], "train.micro_batch must be an integer"),

@@ -217,7 +217,7 @@ BAD_RECIPES = {
     "typo in override": ("extends: {root}/recipes/tiny.yaml\n", ["train.lrr=1"], "unknown key train.lrr (did you mean train.lr?)"),
     "wrong type": ("extends: {root}/recipes/tiny.yaml\ntrain:\n  micro_batch: four\n", [],
                    "train.micro_batch must be an integer, got 'four'"),
-    "negative lr": ("extends: {root}/recipes/tiny.yaml\n", ["train.lr=-1e-4"], "train.lr must be greater than 0"),
+    "negative lr": ("extends: {root}/recipes/tiny.yaml\n", ["train.lr=-1e-4"], "train.lr must not be negative"),
     "zero epochs": ("extends: {root}/recipes/tiny.yaml\ntrain:\n  epochs: 0\n", [], "train.epochs must be greater than 0"),
     "zero micro-batch": ("extends: {root}/recipes/tiny.yaml\n", ["train.micro_batch=0"], "train.micro_batch must be greater than 0"),
     "missing extends target": ("extends: nowhere.yaml\n", [], "extends: file not found"),
