@@ -13,8 +13,12 @@ def main() -> int:
     args = parser.parse_args()
     from engine.config import load_recipe
     recipe = load_recipe(args.recipe, args.overrides)
+    from engine import distributed
     from engine.loop import run
-    summary = run(recipe, args.overrides)
+    try:
+        summary = run(recipe, args.overrides)
+    finally:
+        distributed.cleanup()
     return 1 if summary.get("overfit_check", {}).get("verdict") == "FAIL" else 0
 
 

@@ -65,15 +65,16 @@ def save_adapter(model, out: Path) -> None:
     _write_dir_atomically(out, lambda d: model.save_pretrained(str(d)))
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, loop_state: dict,
+def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, loop_state: dict, rngs: list[dict],
                     on_half_written: Callable[[], object] = lambda: None) -> Path:
-    """Write checkpoints/step-<step>; `loop_state` holds what the loop needs to go on (best score...)."""
+    """Write checkpoints/step-<step>; `loop_state` holds what the loop needs to go on (best score...),
+    `rngs` every rank's RNG state, in rank order."""
     final = ckpt_root / f"step-{step}"
 
     def fill(d: Path) -> None:
         model.save_pretrained(str(d))
         on_half_written()
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(), "loop": loop_state},
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "rngs": rngs, "loop": loop_state},
                    d / "state.pt")
 
     _write_dir_atomically(final, fill)
@@ -105,8 +106,9 @@ def latest_checkpoint(ckpt_root: Path) -> Optional[Path]:
     return found[-1][1] if found else None
 
 
-def load_checkpoint(path: Path, model, optimizer) -> dict:
-    """Restore adapter weights, optimizer and RNG from `path`; returns the saved state dict."""
+def load_checkpoint(path: Path, model, optimizer, rank: int = 0, world: int = 1) -> dict:
+    """Restore adapter weights, optimizer and this rank's RNG from `path`; returns the saved state dict.
+    Resumed with another number of ranks, the RNG streams (dropout) start afresh from the seed instead."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -114,5 +116,6 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
     set_peft_model_state_dict(model, load_file(str(path / ADAPTER_FILE), device=str(device)))
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
-    set_rng_state(state["rng"])
+    if len(state["rngs"]) == world:
+        set_rng_state(state["rngs"][rank])
     return state

@@ -23,7 +23,8 @@ import torch
 import yaml
 
 from decode.digits import digit_token_ids
-from engine.checkpoint import (latest_checkpoint, load_checkpoint, remove_partial_writes, save_adapter,
+from engine import distributed as dist
+from engine.checkpoint import (latest_checkpoint, load_checkpoint, remove_partial_writes, rng_state, save_adapter,
                                save_checkpoint)
 from engine.config import Recipe, dump_recipe, recipe_to_dict
 from engine.data import encode_all, encode_prompt, read_examples
@@ -92,12 +93,12 @@ def prepare_run_dir(recipe: Recipe, overrides: list[str]) -> Path:
 class MetricsLog:
     """metrics.jsonl: one event a line, flushed as written."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path, self.enabled = path, enabled
 
     def truncate_after(self, step: int) -> None:
         """Drop events past `step`: a resumed run logs them again, as an uninterrupted run would have."""
-        if not self.path.exists():
+        if not self.enabled or not self.path.exists():
             return
         keep = [line for line in self.path.read_text(encoding="utf-8").splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step]
@@ -106,6 +107,8 @@ class MetricsLog:
         tmp.replace(self.path)
 
     def write(self, event: dict) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(event, ensure_ascii=False) + "\n")
 
@@ -176,9 +179,13 @@ def run(recipe: Recipe, overrides: list[str] = ()) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.perf_counter()
     check_inputs(recipe)
+    device = dist.init()
+    main = dist.is_main()
     all_train = read_examples(recipe.data.train)
     eval_pool = read_examples(recipe.data.eval) if recipe.data.eval else None
-    ensure_tiny_model(recipe.model, recipe.data.train)
+    if main:
+        ensure_tiny_model(recipe.model, recipe.data.train)
+    dist.barrier()
     tokenizer = load_tokenizer(recipe.model.path)
     train_ex, eval_ex = split_train_eval(all_train, eval_pool, recipe.data.eval_share, recipe.data.eval_size,
                                          recipe.seed)
@@ -187,52 +194,68 @@ def run(recipe: Recipe, overrides: list[str] = ()) -> dict:
     digit_ids = digit_token_ids(tokenizer, encode_prompt(tokenizer, train_ex[0], recipe.data.system_prompt))
     check_labels(recipe.data.train, encoded, digit_ids, tokenizer.eos_token_id)
 
-    run_dir = prepare_run_dir(recipe, list(overrides))
-    setup_logging(run_dir)
+    t = recipe.train
+    if t.micro_batch * t.grad_accum < dist.world_size():
+        raise UserError(f"train.micro_batch x train.grad_accum ({t.micro_batch * t.grad_accum}) must be at least "
+                        f"the number of ranks ({dist.world_size()})")
+    run_dir = Path(dist.gather_objects(str(prepare_run_dir(recipe, list(overrides))) if main else None)[0])
+    recipe.output_dir = str(run_dir)
+    if main:
+        setup_logging(run_dir)
+        eval_ex = pin_eval_subset(run_dir, eval_ex, eval_pool if eval_pool is not None else all_train)
+    else:
+        log.disabled = True
     random.seed(recipe.seed)
     np.random.seed(recipe.seed)
     torch.manual_seed(recipe.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    t = recipe.train
-    eval_ex = pin_eval_subset(run_dir, eval_ex, eval_pool if eval_pool is not None else all_train)
     lengths = [len(e.input_ids) for e in encoded]
     n_mc = sum(e.kind == "mc" for e in train_ex)
-    log.info("data: %d train (%d MC, %d subjective), %d eval rows", len(train_ex), n_mc, len(train_ex) - n_mc,
-             len(eval_ex))
+    log.info("data: %d train (%d MC, %d subjective), %d eval rows; %d rank(s)", len(train_ex), n_mc,
+             len(train_ex) - n_mc, len(eval_ex), dist.world_size())
 
     model = add_lora(load_base_model(recipe.model), recipe.lora, t.gradient_checkpointing)
     trainable, total = count_parameters(model)
     quant = "4-bit NF4" if getattr(model, "is_loaded_in_4bit", False) or any(
         p.dtype == torch.uint8 for p in model.parameters()) else f"{next(model.parameters()).dtype}"
-    print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%), base {quant}, "
-          f"device {device.type}", flush=True)
+    if main:
+        print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%), base {quant}, "
+              f"device {device.type}", flush=True)
     model.train()
     optimizer = make_optimizer(model, recipe)
+    torch.manual_seed(recipe.seed + dist.rank())  # the same adapters on every rank, their own dropout masks
     sampler = Sampler([e.kind for e in train_ex], lengths, t, recipe.seed)
     total_steps = min(sampler.total_steps, t.max_steps) if t.max_steps else sampler.total_steps
-    evaluator = Evaluator(tokenizer, eval_ex, recipe, run_dir)
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    evaluator = Evaluator(tokenizer, eval_ex, recipe, run_dir) if main else None
+    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=main)
     ckpt_root = run_dir / "checkpoints"
 
     state, step = LoopState(), 0
-    remove_partial_writes(ckpt_root)
+    if main:
+        remove_partial_writes(ckpt_root)
+    dist.barrier()
     resume_from = latest_checkpoint(ckpt_root) if t.resume else None
     if resume_from is not None:
-        saved = load_checkpoint(resume_from, model, optimizer)
+        saved = load_checkpoint(resume_from, model, optimizer, dist.rank(), dist.world_size())
         step, state = saved["step"], LoopState(**saved["loop"])
         log.info("resuming from %s (step %d of %d)", resume_from, step, total_steps)
     metrics.truncate_after(step)
 
     def checkpoint(at: int) -> None:
-        try:
-            save_checkpoint(ckpt_root, at, model, optimizer, state.as_dict(),
-                            on_half_written=lambda: fault("kill-checkpoint", at) or fault("enospc", at))
-        except OSError as e:
-            raise TrainingError(f"step {at}: cannot write checkpoint under {ckpt_root}: {e.strerror}; "
-                                f"the previous checkpoint is intact") from None
+        rngs = dist.gather_objects(rng_state())
+        if main:
+            try:
+                save_checkpoint(ckpt_root, at, model, optimizer, state.as_dict(), rngs,
+                                on_half_written=lambda: fault("kill-checkpoint", at) or fault("enospc", at))
+            except OSError as e:
+                raise TrainingError(f"step {at}: cannot write checkpoint under {ckpt_root}: {e.strerror}; "
+                                    f"the previous checkpoint is intact") from None
+        dist.barrier()
 
     def evaluate(at: int) -> bool:
-        """Log an eval event, follow the best, and say whether early stopping fires."""
+        """On rank 0: log an eval event, follow the best. Every rank learns whether early stopping fires."""
+        return dist.broadcast_flag(main and evaluate_here(at))
+
+    def evaluate_here(at: int) -> bool:
         result = evaluator(model, at, on_decoded=lambda: fault("kill-eval", at))
         metrics.write({"event": "eval", "step": at, **result})
         state.last_eval_step = at
@@ -251,7 +274,7 @@ def run(recipe: Recipe, overrides: list[str] = ()) -> dict:
     # train
     from tqdm import tqdm
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0,
-               disable=not sys.stderr.isatty())
+               disable=not (main and sys.stderr.isatty()))
     params = [p for p in model.parameters() if p.requires_grad]
     pad_id = tokenizer.pad_token_id
     last_loss = float("nan")
@@ -259,10 +282,13 @@ def run(recipe: Recipe, overrides: list[str] = ()) -> dict:
         t0 = time.perf_counter()
         indices = sampler.batch_at(step)
         batches = [collate([encoded[i] for i in mb], pad_id, device)
-                   for mb in micro_batches(indices, t.micro_batch, lengths, t.sampler.group_by_length)]
+                   for mb in micro_batches(dist.shard(indices), t.micro_batch, lengths, t.sampler.group_by_length)]
+        # the whole step's denominator, on every rank: summed gradients are the whole batch's gradient
+        denom = sum(encoded[i].n_answer_tokens for i in indices) if t.loss_weighting == "token" else len(indices)
         try:
             fault("oom", step + 1)
-            loss = forward_backward(model, batches, t.loss_weighting, t.ce_chunk)
+            loss = dist.sum_scalar(forward_backward(model, batches, t.loss_weighting, t.ce_chunk, denom))
+            dist.sum_grads(params)
             fault("kill-step", step + 1)
             if fault("nan", step + 1):
                 loss = loss * float("nan")
@@ -294,7 +320,7 @@ def run(recipe: Recipe, overrides: list[str] = ()) -> dict:
             optimizer.zero_grad(set_to_none=True)
             last_loss = loss_value
         elapsed = time.perf_counter() - t0
-        tokens = sum(b.n_tokens for b in batches)
+        tokens = int(dist.sum_scalar(torch.tensor(float(sum(b.n_tokens for b in batches)), device=device)))
         event = {"event": "train", "step": step, "epoch": round(sampler.epoch_at(step - 1), 4),
                  "loss": loss_value, "lr": lr, "tokens_per_s": tokens / elapsed,
                  "peak_mem_gib": round(peak_memory_gib(device), 3)}
@@ -318,6 +344,8 @@ def run(recipe: Recipe, overrides: list[str] = ()) -> dict:
     if not state.stop_reason:
         state.stop_reason = "max_steps" if t.max_steps and step >= t.max_steps else "epochs"
     checkpoint(step)
+    if not main:
+        return {"steps": step, "stop_reason": state.stop_reason}
     summary = {"steps": step, "total_steps": total_steps, "stop_reason": state.stop_reason,
                "best_step": state.best_step, "best_score": state.best_score, "last_loss": last_loss,
                "wall_seconds": round(time.perf_counter() - started, 1), "run_dir": str(run_dir)}

@@ -79,16 +79,18 @@ def weighted_loss_sum(ce: torch.Tensor, rows: torch.Tensor, n_rows: int, weighti
     return (sums[counts > 0] / counts[counts > 0]).sum()
 
 
-def forward_backward(model, batches: Sequence[Batch], weighting: str, chunk: int = 0) -> torch.Tensor:
+def forward_backward(model, batches: Sequence[Batch], weighting: str, chunk: int = 0,
+                     denom: float | None = None) -> torch.Tensor:
     """Accumulate the gradient of one optimizer step over its micro-batches; returns the step's loss.
 
     Each micro-batch's summed loss is divided by the whole step's answer-token count (token weighting)
     or example count (example weighting) before backward, so the sum of the micro-batch gradients is
-    the gradient of the whole batch's loss.
+    the gradient of the whole batch's loss. `denom` is that count for a step spread over several ranks
+    (each rank then passes only its own micro-batches); by default it is counted from `batches`.
     """
-    if weighting == "token":
+    if denom is None and weighting == "token":
         denom = sum(b.n_answer_tokens for b in batches)
-    else:
+    elif denom is None:
         denom = sum(int(((b.labels[:, 1:] != -100).sum(1) > 0).sum()) for b in batches)
     device = batches[0].input_ids.device
     loss = torch.zeros((), device=device)
