@@ -32,7 +32,9 @@ def parse_args() -> argparse.Namespace:
     src.add_argument("--model", help="base model directory (decoding settings: defaults)")
     p.add_argument("--adapter", type=Path, help="LoRA adapter directory (default with --recipe: "
                                                  "its run's checkpoints/best when present)")
-    p.add_argument("--batch-size", type=int, help="prompts per forward pass (default: decode.batch_size)")
+    p.add_argument("--batch-size", type=int, help="MC prompts per forward pass (default: decode.batch_size)")
+    p.add_argument("--subj-batch-size", type=int, help="subjective prompts per generate call "
+                                                       "(default: decode.subj_batch_size)")
     p.add_argument("--max-new-tokens", type=int, help="cap on subjective answers (default: decode.max_new_tokens)")
     return p.parse_args()
 
@@ -53,6 +55,10 @@ def settings(args: argparse.Namespace):
         if args.batch_size <= 0:
             raise UserError("--batch-size must be greater than 0")
         recipe.decode.batch_size = args.batch_size
+    if args.subj_batch_size is not None:
+        if args.subj_batch_size <= 0:
+            raise UserError("--subj-batch-size must be greater than 0")
+        recipe.decode.subj_batch_size = args.subj_batch_size
     if args.max_new_tokens is not None:
         if args.max_new_tokens <= 0:
             raise UserError("--max-new-tokens must be greater than 0")
@@ -70,7 +76,7 @@ def fingerprint(test: Path, recipe, adapter) -> str:
     d = recipe.decode
     h.update(json.dumps([str(Path(recipe.model.path).resolve()), str(adapter and Path(adapter).resolve()),
                          recipe.data.system_prompt, recipe.data.max_len, d.max_new_tokens, d.temperature,
-                         d.no_repeat_ngram_size, d.max_sentences, d.max_chars, d.batch_size,
+                         d.no_repeat_ngram_size, d.max_sentences, d.max_chars, d.batch_size, d.subj_batch_size,
                          d.mc_permutations, recipe.seed]).encode())
     if adapter is not None:
         h.update((Path(adapter) / "adapter_model.safetensors").read_bytes() if
@@ -184,8 +190,8 @@ def main() -> int:
     projected: set[str] = set()
     bar = tqdm(total=len(examples), initial=len(answers), desc="infer", unit="q", file=sys.stderr)
     started = time.perf_counter()
-    for kind, idx in (("mc", mc), ("subj", subj)):
-        for batch in length_sorted_batches([prompts[i] for i in idx], d.batch_size):
+    for kind, idx, size in (("mc", mc, d.batch_size), ("subj", subj, d.subj_batch_size)):
+        for batch in length_sorted_batches([prompts[i] for i in idx], size):
             rows = [idx[k] for k in batch]
             if all(examples[i].id in answers for i in rows):
                 continue

@@ -37,6 +37,7 @@ def main(model_dir: str, eval_csv: str, out_json: str) -> None:
     recipe = Recipe()
     recipe.model.path = model_dir
     recipe.decode.batch_size = 64
+    recipe.decode.subj_batch_size = 300
     tokenizer = load_tokenizer(model_dir)
     t0 = time.perf_counter()
     model = load_base_model(recipe.model).eval()
@@ -46,7 +47,7 @@ def main(model_dir: str, eval_csv: str, out_json: str) -> None:
     ev.decode(model)  # warm-up: kernels, allocator
     synchronize()
     t0 = time.perf_counter()
-    loss = eval_loss(model, ev.encoded, 16, tokenizer.pad_token_id)
+    loss = eval_loss(model, ev.encoded, recipe.decode.batch_size, tokenizer.pad_token_id)
     synchronize()
     loss_s = time.perf_counter() - t0
     decoded = ev.decode(model)

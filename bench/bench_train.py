@@ -32,9 +32,13 @@ def batches_for(shape: str, steps: int, vocab: int, seed: int = 0) -> list[list[
     rng = np.random.default_rng(seed)
     low = min(VOCAB_LOW, vocab // 2)
     out = []
-    if shape.startswith("mix"):
-        mb = int(shape[3:])
+    if "mix" in shape:
+        mb = int(shape.split("mix")[1])
         mix = fsku_length_mix(mb * steps, seed)
+        if shape.startswith("g"):  # length-grouped, as train.sampler.group_by_length does over a window
+            mix = sorted(mix, key=sum)
+            chunks = [mix[k:k + mb] for k in range(0, len(mix), mb)]
+            mix = [x for i in np.random.default_rng(seed).permutation(len(chunks)) for x in chunks[i]]
         for s in range(steps):
             items = []
             for p_len, a_len in mix[s * mb:(s + 1) * mb]:

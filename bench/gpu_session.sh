@@ -24,7 +24,24 @@ if [ "$stage" = loop ]; then
   python3 infer.py --test $D/contest.csv --out .cache/submission.csv --model $M --batch-size 64 \
     > "$OUT/infer.json" 2> "$OUT/infer.log"
   python3 -m bench.bench_eval $M $D/eval2000.csv "$OUT/eval.json" > "$OUT/eval.log" 2>&1
+elif [ "$stage" = ddp ]; then
+  common="recipes/baseline.yaml model.path=$M data.train=$D/long512.csv train.max_steps=13 train.micro_batch=4
+    train.grad_accum=2 lora.dropout=0 eval.generate=false eval.every_steps=0 data.eval_size=16 checkpoint.at_steps=[]
+    checkpoint.every_epoch=false"
+  rm -rf .cache/ddp1 .cache/ddp2
+  python3 train.py $common output_dir=.cache/ddp1 > "$OUT/ddp1.log" 2>&1
+  python3 -m torch.distributed.run --standalone --nproc_per_node=2 train.py $common output_dir=.cache/ddp2 \
+    > "$OUT/ddp2.log" 2>&1
+  cp .cache/ddp1/metrics.jsonl "$OUT/ddp1_metrics.jsonl"; cp .cache/ddp2/metrics.jsonl "$OUT/ddp2_metrics.jsonl"
+  nvidia-smi --query-gpu=index,name --format=csv,noheader >> "$OUT/gpu_$stage.txt"
+elif [ "$stage" = profile ]; then
+  python3 -m bench.profile_step $M "$OUT" > "$OUT/profile.log" 2>&1
+  python3 infer.py --test $D/contest.csv --out .cache/submission.csv --model $M --batch-size 64 \
+    > "$OUT/infer.json" 2> "$OUT/infer.log"
+  python3 -m bench.bench_eval $M $D/eval2000.csv "$OUT/eval.json" > "$OUT/eval.log" 2>&1
+  python3 -m bench.bench_train $M "$OUT/train_mix.json" --skip-hf --shapes mix16,mix64,gmix64 \
+    > "$OUT/train_mix.log" 2>&1
 else
   python3 -m bench.bench_train $M "$OUT/train.json" > "$OUT/train.log" 2>&1
 fi
-tail -3 "$OUT"/*.log; cat "$OUT"/*.json | head -60
+for f in "$OUT"/*.log; do tail -n 3 "$f"; done; cat "$OUT"/*.json | head -80

@@ -82,7 +82,7 @@ class Evaluator:
             subj = answer_subjective(
                 model, self.tokenizer, [self.prompts[i] for i in subj_idx], max_new_tokens=d.max_new_tokens,
                 no_repeat_ngram_size=d.no_repeat_ngram_size, temperature=d.temperature,
-                max_sentences=d.max_sentences, max_chars=d.max_chars, batch_size=d.batch_size)
+                max_sentences=d.max_sentences, max_chars=d.max_chars, batch_size=d.subj_batch_size)
         t2 = time.perf_counter()
         for i, a in zip(mc_idx, mc):
             preds[i] = Prediction(self.examples[i].id, a.choice, raw=a.raw)
@@ -99,7 +99,7 @@ class Evaluator:
         try:
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(self.recipe.seed)
-                result = {"eval_loss": eval_loss(model, self.encoded, self.recipe.train.micro_batch,
+                result = {"eval_loss": eval_loss(model, self.encoded, self.recipe.decode.batch_size,
                                                  self.tokenizer.pad_token_id)}
                 if self.recipe.eval.generate:
                     decoded = self.decode(model)

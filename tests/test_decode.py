@@ -102,3 +102,29 @@ def test_trim_sentences():
     assert trim_sentences("  한 문장  ", 2, 300) == "한 문장"
     assert len(trim_sentences("가" * 500, 2, 300)) == 300
     assert trim_sentences("짧다. " + "가" * 400, 2, 300) == "짧다."
+
+
+def test_no_repeat_ngram_bans_exactly_the_repeating_tokens():
+    from decode.subjective import no_repeat_ngram_processor
+    ids = torch.tensor([[9, 9, 9, 5, 6, 7, 5, 6], [9, 9, 9, 1, 2, 3, 4, 5]])  # prompt of 3, then the answer
+    scores = torch.zeros(2, 10)
+    out = no_repeat_ngram_processor(3, 3)(ids, scores.clone())
+    assert torch.isinf(out[0, 7]) and torch.isfinite(out[0]).sum() == 9  # "5 6" was followed by 7 before
+    assert torch.isfinite(out[1]).all()  # "4 5" never occurred before
+    # the prompt's n-grams are not banned: "9 9" -> 9 stands in the prompt only
+    assert torch.isfinite(no_repeat_ngram_processor(3, 3)(torch.tensor([[9, 9, 9, 9, 9]]), torch.zeros(1, 10))[0, 8])
+
+
+def test_generated_answers_repeat_no_trigram(model, tiny_tokenizer):
+    examples = [e for e in read_examples(SAMPLE) if e.kind == "subj"][:6]
+    prompts = [encode_prompt(tiny_tokenizer, e, "s") for e in examples]
+    from decode.batching import left_pad
+    from decode.subjective import no_repeat_ngram_processor
+    from transformers import LogitsProcessorList
+    ids, mask = left_pad(prompts, tiny_tokenizer.pad_token_id, "cpu")
+    gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=40, do_sample=False,
+                         logits_processor=LogitsProcessorList([no_repeat_ngram_processor(3, ids.shape[1])]),
+                         eos_token_id=-1, pad_token_id=tiny_tokenizer.pad_token_id)
+    for row in gen[:, ids.shape[1]:].tolist():
+        grams = [tuple(row[i:i + 3]) for i in range(len(row) - 2)]
+        assert len(grams) == len(set(grams))
