@@ -109,10 +109,12 @@ def run_hf(model, data: list[list[Encoded]]) -> dict:
     return result
 
 
-def our_model(model_dir: str):
-    from engine.model import add_lora, load_base_model
+def our_model(model_dir: str, compile: bool = False):
+    from engine.model import add_lora, compile_layers, load_base_model
 
     model = add_lora(load_base_model(ModelConfig(path=model_dir, quant="nf4")), LoraConfig(), True)
+    if compile:
+        compile_layers(model)
     model.train()
     return model
 
@@ -145,15 +147,19 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=13)
     p.add_argument("--shapes", default="4x512,8x1024,8x2048,mix8,mix16")
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--compile", action="store_true", help="our loop with train.compile (compiled layers)")
     a = p.parse_args()
     results = {"card": card(), "date": time.strftime("%Y-%m-%d"), "steps": a.steps, "warmup": WARMUP, "shapes": {}}
     shapes = a.shapes.split(",")
     vocab = vocab_size(a.model_dir)
     data = {shape: batches_for(shape, a.steps, vocab) for shape in shapes}
-    for runner, make, prefix in ((run_ours, our_model, "ours"), (run_hf, hf_model, "hf")):
+    results["ours_compiled"] = a.compile
+    for runner, make, prefix in ((run_ours, lambda d: our_model(d, a.compile), "ours"), (run_hf, hf_model, "hf")):
         if prefix == "hf" and a.skip_hf:
             continue
         model = make(a.model_dir)
+        if prefix == "ours" and a.compile:  # compile once, outside the timed steps
+            run_ours(model, data[shapes[0]][:2] * 2)
         for shape in shapes:
             padded, real = counts(data[shape])
             entry = results["shapes"].setdefault(shape, {"padded_tokens_per_step": padded,

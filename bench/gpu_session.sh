@@ -34,6 +34,11 @@ elif [ "$stage" = ddp ]; then
     > "$OUT/ddp2.log" 2>&1
   cp .cache/ddp1/metrics.jsonl "$OUT/ddp1_metrics.jsonl"; cp .cache/ddp2/metrics.jsonl "$OUT/ddp2_metrics.jsonl"
   nvidia-smi --query-gpu=index,name --format=csv,noheader >> "$OUT/gpu_$stage.txt"
+elif [ "$stage" = train-compiled ]; then
+  python3 -m bench.bench_train $M "$OUT/train_compiled.json" --compile --shapes 4x512,8x1024,8x2048,mix16,gmix64 \
+    > "$OUT/train_compiled.log" 2>&1
+elif [ "$stage" = compile ]; then
+  timeout 420 python3 -m bench.compile_probe $M "$OUT/compile.json" > "$OUT/compile.log" 2>&1
 elif [ "$stage" = profile ]; then
   python3 -m bench.profile_step $M "$OUT" > "$OUT/profile.log" 2>&1
   python3 infer.py --test $D/contest.csv --out .cache/submission.csv --model $M --batch-size 64 \

@@ -87,6 +87,8 @@ class TrainConfig:
     optimizer: str = "adamw"
     loss_weighting: str = "token"
     gradient_checkpointing: bool = True
+    compile: bool = False
+    """torch.compile each decoder layer: much less host overhead a step, ~1.5 min of compiling first."""
     resume: bool = True
     skip_nonfinite: int = 0
     label_smoothing: float = 0.0

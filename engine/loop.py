@@ -33,7 +33,7 @@ from engine.faults import fault
 from engine.labels import check_labels
 from engine.evaluate import Evaluator
 from engine.loss import collate, forward_backward
-from engine.model import add_lora, count_parameters, ensure_tiny_model, load_base_model, load_tokenizer
+from engine.model import add_lora, compile_layers, count_parameters, ensure_tiny_model, load_base_model, load_tokenizer
 from engine.sampling import Sampler, micro_batches
 from engine.schedule import lr_at
 from engine.split import cap_kinds, pin_eval_subset, split_train_eval
@@ -214,6 +214,8 @@ def run(recipe: Recipe, overrides: list[str] = ()) -> dict:
              len(train_ex) - n_mc, len(eval_ex), dist.world_size())
 
     model = add_lora(load_base_model(recipe.model), recipe.lora, t.gradient_checkpointing)
+    if t.compile:
+        compile_layers(model)
     trainable, total = count_parameters(model)
     quant = "4-bit NF4" if getattr(model, "is_loaded_in_4bit", False) or any(
         p.dtype == torch.uint8 for p in model.parameters()) else f"{next(model.parameters()).dtype}"

@@ -78,3 +78,37 @@ def test_example_weighting_is_the_mean_of_example_means(setup):
     assert abs(got - sum(per_example) / len(per_example)) < 1e-6
     # a 2-token MC answer and a long subjective one weigh the same; token weighting does not
     assert abs(float(ce.mean()) - got) > 1e-4
+
+
+def fresh_model(tiny_model, checkpointing: bool):
+    torch.manual_seed(0)
+    model = add_lora(load_base_model(ModelConfig(path=str(tiny_model), quant="none")),
+                     LoraConfig(r=4, alpha=8, dropout=0.0), gradient_checkpointing=checkpointing)
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.02)
+    model.train()
+    return model
+
+
+def loss_and_grads(model, batch):
+    model.zero_grad()
+    loss = float(forward_backward(model, [batch], "token"))
+    return loss, grads(model)
+
+
+@pytest.mark.parametrize("lever", ["gradient_checkpointing", "compile"])
+def test_speed_levers_keep_the_same_loss(setup, tiny_model, lever):
+    """Each switch of train.* that buys speed computes the same loss and gradient (fp32, 1e-4)."""
+    from engine.model import compile_layers
+    _, enc, pad = setup
+    batch = collate(enc, pad)
+    plain = loss_and_grads(fresh_model(tiny_model, False), batch)
+    model = fresh_model(tiny_model, lever == "gradient_checkpointing")
+    if lever == "compile":
+        compile_layers(model)
+    fast = loss_and_grads(model, batch)
+    assert abs(plain[0] - fast[0]) < 1e-4
+    for name, g in plain[1].items():
+        assert torch.allclose(g, fast[1][name], atol=1e-4), name
