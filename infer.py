@@ -204,10 +204,8 @@ def main() -> int:
                         d.mc_permutations)]
                 else:
                     got = [a.text for a in answer_subjective(
-                        model, tokenizer, [prompts[i] for i in rows], max_new_tokens=d.max_new_tokens,
-                        no_repeat_ngram_size=d.no_repeat_ngram_size, temperature=d.temperature,
-                        max_sentences=d.max_sentences, max_chars=d.max_chars, batch_size=len(rows),
-                        fallbacks=[fallbacks[i] for i in rows])]
+                        model, tokenizer, [prompts[i] for i in rows], batch_size=len(rows),
+                        fallbacks=[fallbacks[i] for i in rows], **d.generation_kwargs())]
             seconds[kind] += time.perf_counter() - t0
             if kind not in projected:
                 projected.add(kind)

@@ -115,6 +115,12 @@ class DecodeConfig:
     mc_permutations: int = 1
     """Score MC with the options in this many cyclic orders and average per option (1 = off)."""
 
+    def generation_kwargs(self) -> dict:
+        """What `decode.subjective.answer_subjective` takes from these settings."""
+        return {"max_new_tokens": self.max_new_tokens, "no_repeat_ngram_size": self.no_repeat_ngram_size,
+                "temperature": self.temperature, "max_sentences": self.max_sentences,
+                "max_chars": self.max_chars}
+
 
 @dataclass
 class EvalConfig:

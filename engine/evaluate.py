@@ -79,10 +79,8 @@ class Evaluator:
                            d.batch_size, d.mc_permutations)
         t1 = time.perf_counter()
         with autocast(device):
-            subj = answer_subjective(
-                model, self.tokenizer, [self.prompts[i] for i in subj_idx], max_new_tokens=d.max_new_tokens,
-                no_repeat_ngram_size=d.no_repeat_ngram_size, temperature=d.temperature,
-                max_sentences=d.max_sentences, max_chars=d.max_chars, batch_size=d.subj_batch_size)
+            subj = answer_subjective(model, self.tokenizer, [self.prompts[i] for i in subj_idx],
+                                     batch_size=d.subj_batch_size, **d.generation_kwargs())
         t2 = time.perf_counter()
         for i, a in zip(mc_idx, mc):
             preds[i] = Prediction(self.examples[i].id, a.choice, raw=a.raw)
