@@ -51,18 +51,12 @@ def settings(args: argparse.Namespace):
         recipe = Recipe()
         recipe.model.path = args.model
         adapter = args.adapter
-    if args.batch_size is not None:
-        if args.batch_size <= 0:
-            raise UserError("--batch-size must be greater than 0")
-        recipe.decode.batch_size = args.batch_size
-    if args.subj_batch_size is not None:
-        if args.subj_batch_size <= 0:
-            raise UserError("--subj-batch-size must be greater than 0")
-        recipe.decode.subj_batch_size = args.subj_batch_size
-    if args.max_new_tokens is not None:
-        if args.max_new_tokens <= 0:
-            raise UserError("--max-new-tokens must be greater than 0")
-        recipe.decode.max_new_tokens = args.max_new_tokens
+    for key in ("batch_size", "subj_batch_size", "max_new_tokens"):  # command line over recipe
+        value = getattr(args, key)
+        if value is not None:
+            if value <= 0:
+                raise UserError(f"--{key.replace('_', '-')} must be greater than 0")
+            setattr(recipe.decode, key, value)
     if not (Path(recipe.model.path) / "config.json").is_file():
         raise UserError(f"model: {recipe.model.path} is not a model directory (no config.json)")
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():

@@ -29,9 +29,9 @@ from engine.checkpoint import (latest_checkpoint, load_checkpoint, remove_partia
 from engine.config import Recipe, dump_recipe, recipe_to_dict
 from engine.data import encode_all, encode_prompt, read_examples
 from engine.errors import TrainingError, UserError
+from engine.evaluate import Evaluator
 from engine.faults import fault
 from engine.labels import check_labels
-from engine.evaluate import Evaluator
 from engine.loss import collate, forward_backward
 from engine.model import add_lora, compile_layers, count_parameters, ensure_tiny_model, load_base_model, load_tokenizer
 from engine.sampling import Sampler, micro_batches
@@ -181,6 +181,10 @@ def run(recipe: Recipe, overrides: list[str] = ()) -> dict:
     check_inputs(recipe)
     device = dist.init()
     main = dist.is_main()
+    t = recipe.train
+    if t.micro_batch * t.grad_accum < dist.world_size():
+        raise UserError(f"train.micro_batch x train.grad_accum ({t.micro_batch * t.grad_accum}) must be at least "
+                        f"the number of ranks ({dist.world_size()})")
     all_train = read_examples(recipe.data.train)
     eval_pool = read_examples(recipe.data.eval) if recipe.data.eval else None
     if main:
@@ -194,10 +198,6 @@ def run(recipe: Recipe, overrides: list[str] = ()) -> dict:
     digit_ids = digit_token_ids(tokenizer, encode_prompt(tokenizer, train_ex[0], recipe.data.system_prompt))
     check_labels(recipe.data.train, encoded, digit_ids, tokenizer.eos_token_id)
 
-    t = recipe.train
-    if t.micro_batch * t.grad_accum < dist.world_size():
-        raise UserError(f"train.micro_batch x train.grad_accum ({t.micro_batch * t.grad_accum}) must be at least "
-                        f"the number of ranks ({dist.world_size()})")
     run_dir = Path(dist.gather_objects(str(prepare_run_dir(recipe, list(overrides))) if main else None)[0])
     recipe.output_dir = str(run_dir)
     if main:
