@@ -36,6 +36,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--subj-batch-size", type=int, help="subjective prompts per generate call "
                                                        "(default: decode.subj_batch_size)")
     p.add_argument("--max-new-tokens", type=int, help="cap on subjective answers (default: decode.max_new_tokens)")
+    p.add_argument("--no-merge", action="store_true",
+                   help="keep the 4-bit base and the LoRA branches apart, as in training (~5.5 GB instead of "
+                        "~15 GB for A.X 4.0 Light, and slower); by default the 4-bit weights are dequantized "
+                        "and the adapter merged into them")
     return p.parse_args()
 
 
@@ -64,14 +68,14 @@ def settings(args: argparse.Namespace):
     return recipe, adapter
 
 
-def fingerprint(test: Path, recipe, adapter) -> str:
+def fingerprint(test: Path, recipe, adapter, merge: bool) -> str:
     """What the partial answers depend on: a different test file, model or setting starts afresh."""
     h = hashlib.sha256(test.read_bytes())
     d = recipe.decode
     h.update(json.dumps([str(Path(recipe.model.path).resolve()), str(adapter and Path(adapter).resolve()),
                          recipe.data.system_prompt, recipe.data.max_len, d.max_new_tokens, d.temperature,
-                         d.no_repeat_ngram_size, d.max_sentences, d.max_chars, d.batch_size, d.subj_batch_size,
-                         d.mc_permutations, recipe.seed]).encode())
+                         d.no_repeat_ngram_size, d.max_sentences, d.max_chars, d.batch_size, d.subj_batch_size, d.fast_generate,
+                         d.mc_permutations, recipe.seed, merge]).encode())
     if adapter is not None:
         h.update((Path(adapter) / "adapter_model.safetensors").read_bytes() if
                  (Path(adapter) / "adapter_model.safetensors").is_file() else b"")
@@ -148,14 +152,16 @@ def main() -> int:
     from tqdm import tqdm
     from decode.batching import length_sorted_batches
     from decode.digits import digit_token_ids
+    from decode.forward import warm_up
     from decode.mc import answer_mc
     from decode.subjective import answer_subjective
     from engine.data import encode_prompt
     from engine.loss import autocast
-    from engine.model import load_adapter, load_base_model, load_tokenizer
+    from engine.fused_lora import fuse_lora_updates
+    from engine.model import load_adapter, load_base_model, load_tokenizer, merged_for_inference
 
     partial = args.out.with_name(args.out.name + ".partial.jsonl")
-    key = fingerprint(args.test, recipe, adapter)
+    key = fingerprint(args.test, recipe, adapter, not args.no_merge)
     answers = read_partial(partial, key)
     if not answers:
         partial.write_text(json.dumps({"fingerprint": key}) + "\n", encoding="utf-8")
@@ -168,14 +174,21 @@ def main() -> int:
     model = load_base_model(recipe.model)
     if adapter is not None:
         model = load_adapter(model, adapter)
+    model = fuse_lora_updates(model) if args.no_merge else merged_for_inference(model)
     model.eval()
     device = next(model.parameters()).device
     load_s = time.perf_counter() - t_load
-    print(f"model loaded in {load_s:.1f} s ({'adapter ' + str(adapter) if adapter else 'no adapter'}, "
-          f"device {device.type})", file=sys.stderr)
-
     d, sp, max_len = recipe.decode, recipe.data.system_prompt, recipe.data.max_len
     prompts = [encode_prompt(tokenizer, ex, sp)[-max_len:] for ex in examples]
+    t_warm = time.perf_counter()
+    with autocast(device):
+        warm_up(model, prompts[0], tokenizer.pad_token_id)
+    warm_s = time.perf_counter() - t_warm
+    print(f"model loaded in {load_s:.1f} s, warmed up in {warm_s:.1f} s "
+          f"({'adapter ' + str(adapter) if adapter else 'no adapter'}, "
+          f"{'4-bit + LoRA' if args.no_merge else 'merged'}, {next(model.parameters()).dtype}, "
+          f"device {device.type})", file=sys.stderr)
+
     digit_ids = digit_token_ids(tokenizer, prompts[0])
     fallbacks = [ex.question.splitlines()[0].strip() for ex in examples]
     mc = [i for i, ex in enumerate(examples) if ex.kind == "mc"]
@@ -205,7 +218,7 @@ def main() -> int:
                 projected.add(kind)
                 per_q = seconds[kind] / len(rows)
                 bar.write(f"{kind}: {per_q * 1000:.1f} ms a question -> about {per_q * len(idx):.1f} s for "
-                          f"its {len(idx)} questions")
+                          f"its {len(idx)} questions", file=sys.stderr)
             new = {examples[i].id: a for i, a in zip(rows, got)}
             append_partial(partial, new)
             answers.update(new)
@@ -218,7 +231,7 @@ def main() -> int:
     print(f"wrote {args.out}: {len(examples)} answers ({len(mc)} MC in {seconds['mc']:.1f} s, {len(subj)} "
           f"subjective in {seconds['subj']:.1f} s), {wall:.1f} s after model load", file=sys.stderr)
     print(json.dumps({"questions": len(examples), "mc": len(mc), "subj": len(subj), "load_s": round(load_s, 2),
-                      "mc_s": round(seconds["mc"], 3), "subj_s": round(seconds["subj"], 3),
+                      "warm_up_s": round(warm_s, 2), "mc_s": round(seconds["mc"], 3), "subj_s": round(seconds["subj"], 3),
                       "after_load_s": round(wall, 3)}))
     return 0
 

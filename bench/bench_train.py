@@ -3,9 +3,12 @@ loop, in one process on one card, on the same random A.X-shape model in 4-bit NF
 
 Shapes: full-length random sequences (4 x 512, 8 x 1024, 8 x 2048; loss on every token) and the FSKU
 length mix (micro-batch 8 and 16; loss on answer tokens only, HF padded to the longest row of each batch
-as its collator does). Median step time of the steps after 3 warm-up steps, synchronised.
+as its collator does; `gmixN`: micro-batches of N sorted by length first, as `train.sampler.group_by_length`
+does). Median step time of the steps after 3 warm-up steps, synchronised.
 
     python -m bench.bench_train MODEL_DIR OUT_JSON [--steps 13] [--shapes 4x512,8x1024,8x2048,mix8,mix16]
+        [--hf-shapes ...] [--ours compile --ours compile+fused_lora] [--skip-hf] [--profile SHAPE]
+        [--from-config ../shared/models/ax4-light-tokenizer]
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import StepTimer, card, fsku_length_mix, peak_gib, reset_peak, write_json
+from bench.common import StepTimer, card, fsku_length_mix, make_random_model, peak_gib, reset_peak, synchronize, write_json
 from engine.config import LoraConfig, ModelConfig
 from engine.data import Encoded
 from engine.loss import collate, forward_backward
@@ -109,10 +112,13 @@ def run_hf(model, data: list[list[Encoded]]) -> dict:
     return result
 
 
-def our_model(model_dir: str, compile: bool = False):
+def our_model(model_dir: str, compile: bool = False, fused_lora: bool = False):
+    from engine.fused_lora import fuse_lora_updates
     from engine.model import add_lora, compile_layers, load_base_model
 
     model = add_lora(load_base_model(ModelConfig(path=model_dir, quant="nf4")), LoraConfig(), True)
+    if fused_lora:
+        fuse_lora_updates(model)
     if compile:
         compile_layers(model)
     model.train()
@@ -140,45 +146,95 @@ def run_ours(model, data: list[list[Encoded]], chunk: int = 4096) -> dict:
     return result
 
 
+def profile_steps(model, data: list[list[Encoded]], table: Path) -> dict:
+    """torch.profiler over `data` (one step each): host and device seconds a step, and the op table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = next(model.parameters()).device
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for items in data:
+            forward_backward(model, [collate(items, 1, device)], "token", 4096)
+        synchronize()
+    model.zero_grad(set_to_none=True)
+    avg = prof.key_averages()
+    table.write_text(avg.table(sort_by="self_cuda_time_total", row_limit=40), encoding="utf-8")
+    n = len(data)
+    return {"self_cpu_s_per_step": sum(e.self_cpu_time_total for e in avg) / 1e6 / n,
+            "self_cuda_s_per_step": sum(getattr(e, "self_device_time_total", 0) for e in avg) / 1e6 / n}
+
+
+def time_shapes(model, runner, data: dict[str, list[list[Encoded]]]) -> dict[str, dict]:
+    out = {}
+    for shape, steps in data.items():
+        padded, real = counts(steps)
+        r = runner(model, steps)
+        out[shape] = {"step_s": r["step_s"], "tokens_per_s": padded / r["step_s"],
+                      "real_tokens_per_s": real / r["step_s"], "peak_gib": r["peak_gib"],
+                      **({"first_losses": r["first_losses"]} if "first_losses" in r else {})}
+        print(shape, {k: round(v, 3) if isinstance(v, float) else v for k, v in out[shape].items()}, flush=True)
+    return out
+
+
+def fill_entries(results: dict, ours: dict[str, dict], hf: dict[str, dict], data: dict) -> None:
+    """results["shapes"]: one entry per shape with our figures (`ours_*`), HF's (`hf_*`) and their ratios."""
+    for shape in data:
+        padded, real = counts(data[shape])
+        entry = results["shapes"].setdefault(shape, {"padded_tokens_per_step": padded, "real_tokens_per_step": real})
+        for prefix, figures in (("ours", ours), ("hf", hf)):
+            for key, value in figures.get(shape, {}).items():
+                entry[f"{prefix}_{key}"] = value
+        if "hf_step_s" in entry and "ours_step_s" in entry:
+            entry["speedup_vs_hf"] = entry["hf_step_s"] / entry["ours_step_s"]
+            entry["peak_mem_ratio_vs_hf"] = entry["ours_peak_gib"] / max(entry["hf_peak_gib"], 1e-9)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("model_dir")
     p.add_argument("out_json")
     p.add_argument("--steps", type=int, default=13)
-    p.add_argument("--shapes", default="4x512,8x1024,8x2048,mix8,mix16")
+    p.add_argument("--shapes", default="4x512,8x1024,8x2048,mix8,mix16", help="shapes of our loop")
+    p.add_argument("--hf-shapes", help="shapes of the HF recipe (default: --shapes)")
     p.add_argument("--skip-hf", action="store_true")
-    p.add_argument("--compile", action="store_true", help="our loop with train.compile (compiled layers)")
+    p.add_argument("--ours", action="append", metavar="LEVERS",
+                   help="a variant of our loop: 'eager' or levers joined by '+' (compile, fused_lora); repeat "
+                        "for several; the last one fills the ours_* keys (default: eager)")
+    p.add_argument("--profile", metavar="SHAPE", help="after timing, profile two steps of the last variant at SHAPE")
+    p.add_argument("--from-config", metavar="DIR", help="first build the random model at MODEL_DIR from DIR's "
+                                                         "config.json and tokenizer (skipped when it exists)")
     a = p.parse_args()
-    results = {"card": card(), "date": time.strftime("%Y-%m-%d"), "steps": a.steps, "warmup": WARMUP, "shapes": {}}
-    shapes = a.shapes.split(",")
+    if a.from_config:
+        make_random_model(Path(a.from_config), Path(a.model_dir))
+    results = {"card": card(), "date": time.strftime("%Y-%m-%d"), "steps": a.steps, "warmup": WARMUP, "shapes": {},
+               "variants": {}}
     vocab = vocab_size(a.model_dir)
-    data = {shape: batches_for(shape, a.steps, vocab) for shape in shapes}
-    results["ours_compiled"] = a.compile
-    for runner, make, prefix in ((run_ours, lambda d: our_model(d, a.compile), "ours"), (run_hf, hf_model, "hf")):
-        if prefix == "hf" and a.skip_hf:
-            continue
-        model = make(a.model_dir)
-        if prefix == "ours" and a.compile:  # compile once, outside the timed steps
+    shapes = a.shapes.split(",")
+    hf_shapes = (a.hf_shapes or a.shapes).split(",")
+    data = {shape: batches_for(shape, a.steps, vocab) for shape in dict.fromkeys(shapes + hf_shapes)}
+    variants = a.ours or ["eager"]
+    for variant in variants:
+        levers = set(variant.split("+")) - {"eager"}
+        if levers - {"compile", "fused_lora"}:
+            raise SystemExit(f"--ours {variant}: unknown lever {sorted(levers - {'compile', 'fused_lora'})}")
+        print("ours:", variant, flush=True)
+        model = our_model(a.model_dir, "compile" in levers, "fused_lora" in levers)
+        if "compile" in levers:  # compile once, outside the timed steps
             run_ours(model, data[shapes[0]][:2] * 2)
-        for shape in shapes:
-            padded, real = counts(data[shape])
-            entry = results["shapes"].setdefault(shape, {"padded_tokens_per_step": padded,
-                                                         "real_tokens_per_step": real})
-            r = runner(model, data[shape])
-            entry.update({f"{prefix}_step_s": r["step_s"], f"{prefix}_tokens_per_s": padded / r["step_s"],
-                          f"{prefix}_real_tokens_per_s": real / r["step_s"], f"{prefix}_peak_gib": r["peak_gib"]})
-            if "first_losses" in r:
-                entry[f"{prefix}_first_losses"] = r["first_losses"]
-            if "hf_step_s" in entry and "ours_step_s" in entry:
-                entry["speedup_vs_hf"] = entry["hf_step_s"] / entry["ours_step_s"]
-                entry["peak_mem_ratio_vs_hf"] = entry["ours_peak_gib"] / max(entry["hf_peak_gib"], 1e-9)
-            print(prefix, shape, {k: round(v, 3) if isinstance(v, float) else v for k, v in entry.items()},
-                  flush=True)
-            write_json(Path(a.out_json), results)
+        results["variants"][variant] = time_shapes(model, run_ours, {s: data[s] for s in shapes})
+        if variant == variants[-1] and a.profile:
+            results["ours_profile"] = profile_steps(model, batches_for(a.profile, 2, vocab),
+                                                    Path(a.out_json).with_suffix(".profile.txt"))
+        results["ours_variant"] = variant
+        fill_entries(results, results["variants"][variant], {}, data)
+        write_json(Path(a.out_json), results)
         del model
         gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    if not a.skip_hf:
+        print("hf", flush=True)
+        results["hf"] = time_shapes(hf_model(a.model_dir), run_hf, {s: data[s] for s in hf_shapes})
+        fill_entries(results, results["variants"][variants[-1]], results["hf"], data)
+        write_json(Path(a.out_json), results)
 
 
 if __name__ == "__main__":

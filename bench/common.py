@@ -36,6 +36,25 @@ def make_random_model(config_dir: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+def make_random_adapter(model_dir: Path, out_dir: Path, b_std: float = 1e-3) -> Path:
+    """A LoRA adapter (r=16, all seven projections) for the random model, with non-zero B so that it takes
+    part in every forward as a trained one does."""
+    from engine.config import LoraConfig, ModelConfig
+    from engine.model import add_lora, load_base_model
+
+    if (out_dir / "adapter_config.json").is_file():
+        return out_dir
+    model = add_lora(load_base_model(ModelConfig(path=str(model_dir), quant="nf4")), LoraConfig(), False)
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=b_std)
+    model.save_pretrained(str(out_dir))
+    del model
+    torch.cuda.empty_cache()
+    return out_dir
+
+
 def fsku_length_mix(n: int, seed: int = 0) -> list[tuple[int, int]]:
     """(prompt tokens, answer tokens) of n examples: 80% MC (prompt 60-140, answer digit + end-of-turn),
     20% subjective (prompt 45-65, answer 15-31), as A.X's tokenizer measures FSKU questions."""

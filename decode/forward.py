@@ -31,3 +31,16 @@ def last_token_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     hidden = hidden_states(model, input_ids, attention_mask, position_ids)
     _, head = decoder_and_head(model)
     return head(hidden[:, -1]).float()
+
+
+@torch.no_grad()
+def warm_up(model, prompt_ids: list[int], pad_id: int) -> None:
+    """One MC-style forward and a two-token generate on one prompt: the first CUDA calls of a process
+    (cuBLAS handles, kernel loading, allocator growth) cost seconds, which belong to loading the model,
+    not to the first batch of answers."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
+    mask = torch.ones_like(ids)
+    last_token_logits(model, ids, mask)
+    model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, min_new_tokens=2, do_sample=False,
+                   pad_token_id=pad_id)

@@ -20,6 +20,11 @@ class MCAnswer:
     """The unconstrained top token, decoded."""
 
 
+def choice(digit_scores: torch.Tensor, n_options: int) -> str:
+    """The answer digit: the best-scored of the first `n_options` digits (scores of digits 1, 2, ...)."""
+    return str(int(digit_scores[:n_options].argmax()) + 1)
+
+
 def rotate_options(question: str, shift: int) -> str:
     """The question with its option lines rotated by `shift`: new option j shows old option j+shift."""
     lines = question.splitlines()
@@ -61,4 +66,4 @@ def answer_mc(model, tokenizer, examples: Sequence[Example], encode: Callable[[E
                 raw[i] = tokenizer.decode([top[row]], skip_special_tokens=False)
         if on_batch:
             on_batch(len(batch))
-    return [MCAnswer(str(int(t.argmax()) + 1), raw[i]) for i, t in enumerate(totals)]
+    return [MCAnswer(choice(t, len(t)), raw[i]) for i, t in enumerate(totals)]

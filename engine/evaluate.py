@@ -9,31 +9,63 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from decode.digits import digit_token_ids
-from decode.mc import answer_mc
+from decode.forward import decoder_and_head
+from decode.mc import MCAnswer, answer_mc, choice
 from decode.subjective import answer_subjective
 from engine.config import Recipe
 from engine.errors import UserError
 from engine.data import Encoded, Example, encode_all, encode_prompt
-from engine.loss import answer_token_losses, autocast, collate
+from engine.loss import answer_positions, autocast, collate
 from metrics.embedders import load_embedder
 from metrics.score import Gold, Prediction, ScoreConfig, score
 
 
+@dataclass
+class TeacherForced:
+    loss: float
+    """Mean cross-entropy over every answer token."""
+    digit_logits: torch.Tensor
+    """[rows, digits]: each row's logits for the digit tokens at the position predicting its first answer
+    token; for an MC row that is the prompt's last position, the very logits MC scoring masks."""
+    top: list[int]
+    """Each row's unconstrained top token at that position."""
+
+
 @torch.no_grad()
-def eval_loss(model, encoded: Sequence[Encoded], micro_batch: int, pad_id: int) -> float:
-    """Mean cross-entropy over every answer token of `encoded`."""
+def teacher_forced(model, encoded: Sequence[Encoded], micro_batch: int, pad_id: int, digit_ids: Sequence[int],
+                   chunk: int = 4096) -> TeacherForced:
+    """One forward pass over prompt + gold answer of every row: eval_loss, and the MC answers for free.
+
+    The head runs only on answer positions, `chunk` of them at a time, so no more than one chunk's fp32
+    logits exist whatever the answers' lengths.
+    """
     device = next(model.parameters()).device
+    digits = torch.tensor(list(digit_ids), dtype=torch.long, device=device)
+    _, head = decoder_and_head(model)
     total, count = 0.0, 0
+    digit_logits = torch.zeros(len(encoded), len(digits))
+    top = [0] * len(encoded)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].input_ids))
     for k in range(0, len(order), micro_batch):
-        batch = collate([encoded[i] for i in order[k: k + micro_batch]], pad_id, device)
+        rows_of_batch = order[k: k + micro_batch]
+        batch = collate([encoded[i] for i in rows_of_batch], pad_id, device)
         with autocast(device):
-            ce, _ = answer_token_losses(model, batch)
-        total += float(ce.sum())
-        count += ce.numel()
-    return total / max(1, count)
+            h, t, rows = answer_positions(model, batch)
+            first = torch.ones_like(rows, dtype=torch.bool)
+            first[1:] = rows[1:] != rows[:-1]
+            for i in range(0, h.shape[0], chunk):
+                logits = head(h[i:i + chunk]).float()
+                total += float(F.cross_entropy(logits, t[i:i + chunk], reduction="sum"))
+                at = first[i:i + chunk].nonzero()[:, 0]
+                for row, d, best in zip(rows[i:i + chunk][at].tolist(), logits[at][:, digits].cpu(),
+                                        logits[at].argmax(-1).tolist()):
+                    digit_logits[rows_of_batch[row]] = d
+                    top[rows_of_batch[row]] = best
+        count += t.numel()
+    return TeacherForced(total / max(1, count), digit_logits, top)
 
 
 @dataclass
@@ -43,14 +75,21 @@ class Decoded:
     subj_seconds: float
 
 
+def eager():
+    """Run compiled layers (train.compile) eagerly: eval's no-grad forwards and generation steps would
+    each compile new graphs for minutes, for a pass that runs once every few hundred steps."""
+    import contextlib
+    stance = getattr(torch.compiler, "set_stance", None)  # PyTorch >= 2.6
+    return stance("force_eager") if stance else contextlib.nullcontext()
+
+
 class Evaluator:
     """Built once per run: prompts, digit ids and the embedder (gold embeddings cached) are reused."""
 
     def __init__(self, tokenizer, examples: list[Example], recipe: Recipe, run_dir: Optional[Path]):
         self.tokenizer, self.examples, self.recipe, self.run_dir = tokenizer, examples, recipe, run_dir
-        sp, max_len = recipe.data.system_prompt, recipe.data.max_len
-        self.encoded = encode_all(tokenizer, examples, sp, max_len)
-        self.prompts = [encode_prompt(tokenizer, ex, sp)[-max_len:] for ex in examples]
+        self.encoded = encode_all(tokenizer, examples, recipe.data.system_prompt, recipe.data.max_len)
+        self.prompts = [self.encode_prompt(ex) for ex in examples]
         self.digit_ids = digit_token_ids(tokenizer, self.prompts[0]) if examples else []
         self._embedder = None
         self.golds = [Gold(e.id, e.kind, e.answer, e.n_options, e.keywords) for e in examples]
@@ -65,28 +104,54 @@ class Evaluator:
         d, e = self.recipe.decode, self.recipe.eval
         return ScoreConfig(e.mc_weight, e.cos_weight, d.max_sentences, d.max_chars, d.max_new_tokens)
 
-    def decode(self, model) -> Decoded:
+    def mc_from_teacher_forced(self, tf: TeacherForced) -> dict[int, MCAnswer]:
+        """MC answers read off the teacher-forced pass, for the rows whose encoded prompt is exactly the
+        prompt decoding would see (a row cut to `data.max_len` may differ) and only with plain scoring
+        (option permutations need their own passes)."""
+        if self.recipe.decode.mc_permutations > 1:
+            return {}
+        out = {}
+        for i, (ex, enc, prompt) in enumerate(zip(self.examples, self.encoded, self.prompts)):
+            if ex.kind == "mc" and enc.input_ids[:len(prompt)] == prompt and enc.labels[len(prompt) - 1] == -100 \
+                    and enc.labels[len(prompt)] != -100:
+                out[i] = MCAnswer(choice(tf.digit_logits[i], ex.n_options),
+                                  self.tokenizer.decode([tf.top[i]], skip_special_tokens=False))
+        return out
+
+    def decode(self, model, known_mc: Optional[dict[int, MCAnswer]] = None) -> Decoded:
+        """Every row's answer; MC rows in `known_mc` (from the teacher-forced pass) are not scored again."""
         d = self.recipe.decode
-        sp, max_len = self.recipe.data.system_prompt, self.recipe.data.max_len
-        mc_idx = [i for i, e in enumerate(self.examples) if e.kind == "mc"]
+        known_mc = known_mc or {}
+        mc_idx = [i for i, e in enumerate(self.examples) if e.kind == "mc" and i not in known_mc]
         subj_idx = [i for i, e in enumerate(self.examples) if e.kind == "subj"]
         device = next(model.parameters()).device
         preds: list[Optional[Prediction]] = [None] * len(self.examples)
         t0 = time.perf_counter()
         with autocast(device):
-            mc = answer_mc(model, self.tokenizer, [self.examples[i] for i in mc_idx],
-                           lambda ex: encode_prompt(self.tokenizer, ex, sp)[-max_len:], self.digit_ids,
-                           d.batch_size, d.mc_permutations)
+            mc = answer_mc(model, self.tokenizer, [self.examples[i] for i in mc_idx], self.encode_prompt,
+                           self.digit_ids, d.batch_size, d.mc_permutations)
         t1 = time.perf_counter()
         with autocast(device):
             subj = answer_subjective(model, self.tokenizer, [self.prompts[i] for i in subj_idx],
                                      batch_size=d.subj_batch_size, **d.generation_kwargs())
         t2 = time.perf_counter()
-        for i, a in zip(mc_idx, mc):
+        for i, a in [*zip(mc_idx, mc), *known_mc.items()]:
             preds[i] = Prediction(self.examples[i].id, a.choice, raw=a.raw)
         for i, a in zip(subj_idx, subj):
             preds[i] = Prediction(self.examples[i].id, a.text, n_tokens=a.n_tokens)
         return Decoded(preds, t1 - t0, t2 - t1)
+
+    def encode_prompt(self, ex: Example) -> list[int]:
+        return encode_prompt(self.tokenizer, ex, self.recipe.data.system_prompt)[-self.recipe.data.max_len:]
+
+    def loss_and_answers(self, model) -> tuple[float, Optional[Decoded]]:
+        """eval_loss and, with eval.generate, every row's answer: one teacher-forced pass gives the loss and
+        the MC answers, generation then answers the subjective rows."""
+        tf = teacher_forced(model, self.encoded, self.recipe.decode.batch_size, self.tokenizer.pad_token_id,
+                            self.digit_ids, self.recipe.train.ce_chunk or 4096)
+        if not self.recipe.eval.generate:
+            return tf.loss, None
+        return tf.loss, self.decode(model, self.mc_from_teacher_forced(tf))
 
     def __call__(self, model, step: int, on_decoded: Callable[[], object] = lambda: None) -> dict:
         """One eval event (without the `event`/`step` keys); predictions go to eval/step-<N>.jsonl."""
@@ -94,17 +159,17 @@ class Evaluator:
         was_training = model.training
         model.eval()
         devices = [device.index or 0] if device.type == "cuda" else []
+        t0 = time.perf_counter()
         try:
-            with torch.random.fork_rng(devices=devices):
+            with torch.random.fork_rng(devices=devices), eager():
                 torch.manual_seed(self.recipe.seed)
-                result = {"eval_loss": eval_loss(model, self.encoded, self.recipe.decode.batch_size,
-                                                 self.tokenizer.pad_token_id)}
-                if self.recipe.eval.generate:
-                    decoded = self.decode(model)
+                loss, decoded = self.loss_and_answers(model)
+                result = {"eval_loss": loss, "eval_seconds": time.perf_counter() - t0}
+                if decoded is not None:
+                    result["decode_seconds"] = decoded.mc_seconds + decoded.subj_seconds
                     on_decoded()
                     summary, rows = score(self.golds, decoded.predictions, self.embedder, self.score_config())
                     result.update(summary)
-                    result["decode_seconds"] = decoded.mc_seconds + decoded.subj_seconds
                     self._write_rows(step, rows)
         finally:
             model.train(was_training)

@@ -33,6 +33,7 @@ from engine.evaluate import Evaluator
 from engine.faults import fault
 from engine.labels import check_labels
 from engine.loss import collate, forward_backward
+from engine.fused_lora import fuse_lora_updates
 from engine.model import add_lora, compile_layers, count_parameters, ensure_tiny_model, load_base_model, load_tokenizer
 from engine.sampling import Sampler, micro_batches
 from engine.schedule import lr_at
@@ -214,6 +215,8 @@ def run(recipe: Recipe, overrides: list[str] = ()) -> dict:
              len(train_ex) - n_mc, len(eval_ex), dist.world_size())
 
     model = add_lora(load_base_model(recipe.model), recipe.lora, t.gradient_checkpointing)
+    if t.fused_lora:
+        fuse_lora_updates(model)
     if t.compile:
         compile_layers(model)
     trainable, total = count_parameters(model)

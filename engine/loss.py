@@ -46,6 +46,15 @@ def _head_ce(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(head(hidden).float(), targets, reduction="none")
 
 
+def answer_positions(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The last hidden state at every position that predicts an answer token, that token, and the batch
+    row of each (row-major order, so a row's first entry predicts its first answer token)."""
+    hidden = hidden_states(model, batch.input_ids, batch.attention_mask)
+    targets = batch.labels[:, 1:]
+    keep = targets != -100
+    return hidden[:, :-1][keep], targets[keep], keep.nonzero()[:, 0]
+
+
 def answer_token_losses(model, batch: Batch, chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-answer-token cross-entropy (fp32) and the batch row each token belongs to.
 
@@ -53,17 +62,14 @@ def answer_token_losses(model, batch: Batch, chunk: int = 0) -> tuple[torch.Tens
     a time under activation checkpointing, so the fp32 logits of at most one chunk ever exist (they are
     recomputed in backward): 8 x 2048 labelled tokens would otherwise hold 6.7 GB of logits.
     """
-    hidden = hidden_states(model, batch.input_ids, batch.attention_mask)
-    targets = batch.labels[:, 1:]
-    keep = targets != -100
+    h, t, rows = answer_positions(model, batch)
     _, head = decoder_and_head(model)
-    h, t = hidden[:, :-1][keep], targets[keep]
     if chunk and h.shape[0] > chunk and torch.is_grad_enabled():
         ce = torch.cat([checkpoint(_head_ce, head, h[i:i + chunk], t[i:i + chunk], use_reentrant=False)
                         for i in range(0, h.shape[0], chunk)])
     else:
         ce = _head_ce(head, h, t)
-    return ce, keep.nonzero()[:, 0]
+    return ce, rows
 
 
 def weighted_loss_sum(ce: torch.Tensor, rows: torch.Tensor, n_rows: int, weighting: str) -> torch.Tensor:

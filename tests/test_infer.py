@@ -1,5 +1,6 @@
 """infer.py on real FSKU questions with the tiny model: valid answers, resumable, atomic, refuses bad input."""
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -36,6 +37,8 @@ def clean_output(tiny_model, test_csv, tmp_path_factory) -> Path:
     res = run_cli(*infer_args(tiny_model, test_csv, out, "--batch-size", "4"))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "after model load" in res.stderr
+    summary = json.loads(res.stdout)  # stdout is one JSON line; people's messages go to stderr
+    assert summary["questions"] == summary["mc"] + summary["subj"] > 0 and summary["after_load_s"] > 0
     return out
 
 
@@ -122,19 +125,37 @@ def test_bad_command_lines_exit_2(tiny_model, tmp_path, make, message):
     assert not (tmp_path / "o.csv").exists()
 
 
-def save_fresh_adapter(base_dir: Path, out: Path) -> Path:
+def save_fresh_adapter(base_dir: Path, out: Path, b_std: float = 0.0) -> Path:
+    """A LoRA adapter for `base_dir`; with `b_std` > 0 its B matrices are random, so it changes the model."""
+    import torch
     from engine.config import LoraConfig, ModelConfig
     from engine.model import add_lora, load_base_model
+    torch.manual_seed(0)
     model = add_lora(load_base_model(ModelConfig(path=str(base_dir), quant="none")), LoraConfig(r=4, alpha=8), False)
+    for name, p in model.named_parameters():
+        if "lora_B" in name and b_std:
+            torch.nn.init.normal_(p, std=b_std)
     model.save_pretrained(str(out))
     return out
 
 
-def test_with_an_adapter(tiny_model, test_csv, tmp_path):
-    adapter = save_fresh_adapter(tiny_model, tmp_path / "adapter")
-    res = run_cli(*infer_args(tiny_model, test_csv, tmp_path / "s.csv", "--adapter", str(adapter)))
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert f"adapter {adapter}" in res.stderr
+def test_merged_adapter_gives_the_same_answers_as_the_lora_branches(tiny_model, tmp_path):
+    """The default merges the adapter into the (dequantized) base for speed; --no-merge runs it as trained."""
+    adapter = save_fresh_adapter(tiny_model, tmp_path / "adapter", b_std=0.05)
+    test = ROOT / "data" / "sample_test.csv"
+    outs = {}
+    for flag in ("", "--no-merge"):
+        out = tmp_path / f"s{flag}.csv"
+        res = run_cli("infer.py", "--test", str(test), "--out", str(out), "--model", str(tiny_model),
+                      "--adapter", str(adapter), "--max-new-tokens", "16", *([flag] if flag else []))
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert f"adapter {adapter}" in res.stderr and ("4-bit + LoRA" in res.stderr) == bool(flag)
+        outs[flag] = out.read_text(encoding="utf-8")
+    base = tmp_path / "base.csv"
+    assert run_cli("infer.py", "--test", str(test), "--out", str(base), "--model", str(tiny_model),
+                   "--max-new-tokens", "16").returncode == 0
+    assert outs[""] == outs["--no-merge"]
+    assert outs[""] != base.read_text(encoding="utf-8")  # the adapter does change answers
 
 
 def test_an_adapter_from_another_base_model_is_refused(tiny_model, test_csv, tmp_path):

@@ -80,10 +80,10 @@ def test_example_weighting_is_the_mean_of_example_means(setup):
     assert abs(float(ce.mean()) - got) > 1e-4
 
 
-def fresh_model(tiny_model, checkpointing: bool):
+def fresh_model(tiny_model, checkpointing: bool, dropout: float = 0.0):
     torch.manual_seed(0)
     model = add_lora(load_base_model(ModelConfig(path=str(tiny_model), quant="none")),
-                     LoraConfig(r=4, alpha=8, dropout=0.0), gradient_checkpointing=checkpointing)
+                     LoraConfig(r=4, alpha=8, dropout=dropout), gradient_checkpointing=checkpointing)
     torch.manual_seed(1)
     for name, p in model.named_parameters():
         if "lora_B" in name:
@@ -98,16 +98,24 @@ def loss_and_grads(model, batch):
     return loss, grads(model)
 
 
-@pytest.mark.parametrize("lever", ["gradient_checkpointing", "compile"])
+@pytest.mark.parametrize("lever", ["gradient_checkpointing", "compile", "fused_lora", "fused_lora+dropout"])
 def test_speed_levers_keep_the_same_loss(setup, tiny_model, lever):
     """Each switch of train.* that buys speed computes the same loss and gradient (fp32, 1e-4)."""
+    from engine.fused_lora import addmm_forward, fuse_lora_updates, lora_linears
     from engine.model import compile_layers
     _, enc, pad = setup
     batch = collate(enc, pad)
-    plain = loss_and_grads(fresh_model(tiny_model, False), batch)
-    model = fresh_model(tiny_model, lever == "gradient_checkpointing")
+    dropout = 0.1 if "dropout" in lever else 0.0
+    plain_model = fresh_model(tiny_model, False, dropout)
+    torch.manual_seed(5)
+    plain = loss_and_grads(plain_model, batch)
+    model = fresh_model(tiny_model, lever == "gradient_checkpointing", dropout)
     if lever == "compile":
         compile_layers(model)
+    if lever.startswith("fused_lora"):
+        fuse_lora_updates(model)
+        assert sum(m.forward.__func__ is addmm_forward for m in lora_linears(model)) == 2 * 7  # 2 layers x 7
+    torch.manual_seed(5)  # the same dropout draws
     fast = loss_and_grads(model, batch)
     assert abs(plain[0] - fast[0]) < 1e-4
     for name, g in plain[1].items():

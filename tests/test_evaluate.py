@@ -1,0 +1,89 @@
+"""The in-loop eval's teacher-forced pass: its loss and the MC answers it reads off must be what the
+separate passes (eval_loss over the answer tokens, masked MC scoring of the prompt) give."""
+from dataclasses import replace
+
+import pytest
+import torch
+
+from conftest import SAMPLE
+from decode.batching import left_pad
+from decode.forward import last_token_logits
+from engine.config import ModelConfig, Recipe
+from engine.data import read_examples
+from engine.evaluate import Evaluator, eager, teacher_forced
+from engine.loss import answer_token_losses, collate, forward_backward
+from engine.model import load_base_model
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model, tiny_tokenizer):
+    torch.manual_seed(0)
+    model = load_base_model(ModelConfig(path=str(tiny_model), quant="none")).eval()
+    recipe = Recipe()
+    recipe.decode.batch_size = 7  # several batches, uneven last one
+    examples = read_examples(SAMPLE)
+    return model, Evaluator(tiny_tokenizer, examples, recipe, None)
+
+
+def test_teacher_forced_loss_is_the_mean_answer_token_loss(setup, tiny_tokenizer):
+    model, ev = setup
+    with torch.no_grad():
+        ce, _ = answer_token_losses(model, collate(ev.encoded, tiny_tokenizer.pad_token_id))
+    for chunk in (4096, 3):  # chunking the head changes nothing
+        tf = teacher_forced(model, ev.encoded, 7, tiny_tokenizer.pad_token_id, ev.digit_ids, chunk)
+        assert tf.loss == pytest.approx(float(ce.mean()), rel=1e-5)
+
+
+def test_mc_answers_from_the_teacher_forced_pass_equal_masked_scoring(setup, tiny_tokenizer):
+    model, ev = setup
+    tf = teacher_forced(model, ev.encoded, 7, tiny_tokenizer.pad_token_id, ev.digit_ids)
+    known = ev.mc_from_teacher_forced(tf)
+    mc_rows = [i for i, e in enumerate(ev.examples) if e.kind == "mc"]
+    assert sorted(known) == mc_rows and len(mc_rows) == 64
+    with torch.no_grad():
+        ids, mask = left_pad([ev.prompts[i] for i in mc_rows], tiny_tokenizer.pad_token_id, "cpu")
+        logits = last_token_logits(model, ids, mask)
+    assert torch.allclose(tf.digit_logits[mc_rows], logits[:, ev.digit_ids], atol=1e-4)
+    separate = ev.decode(model).predictions
+    merged = ev.decode(model, known).predictions
+    assert [(p.id, p.text, p.raw) for p in merged] == [(p.id, p.text, p.raw) for p in separate]
+    assert len({p.text for i, p in enumerate(merged) if i in known}) > 1  # not one constant answer
+
+
+def test_rows_cut_by_max_len_and_permuted_scoring_fall_back_to_their_own_pass(tiny_tokenizer, setup):
+    model, _ = setup
+    recipe = Recipe()
+    longest = max(len(p) for p in setup[1].prompts)
+    recipe.data.max_len = longest  # the longest MC prompt loses 2 tokens to its answer in the encoded row
+    ev = Evaluator(tiny_tokenizer, read_examples(SAMPLE), recipe, None)
+    tf = teacher_forced(model, ev.encoded, 8, tiny_tokenizer.pad_token_id, ev.digit_ids)
+    cut = [i for i, p in enumerate(ev.prompts) if len(p) == longest and ev.examples[i].kind == "mc"]
+    assert cut and not set(cut) & set(ev.mc_from_teacher_forced(tf))
+    ev.recipe = replace(recipe, decode=replace(recipe.decode, mc_permutations=2))
+    assert ev.mc_from_teacher_forced(tf) == {}
+
+
+def test_eval_runs_compiled_layers_eagerly(tiny_model, tiny_tokenizer):
+    """With train.compile, eval's no-grad forwards and generation steps compile no new graphs."""
+    import torch._dynamo as dynamo
+
+    from engine.config import LoraConfig
+    from engine.model import add_lora, compile_layers
+
+    torch.manual_seed(0)
+    model = add_lora(load_base_model(ModelConfig(path=str(tiny_model), quant="none")), LoraConfig(r=4), True)
+    compile_layers(model)
+    recipe = Recipe()
+    recipe.eval.generate = False
+    ev = Evaluator(tiny_tokenizer, read_examples(SAMPLE)[:12], recipe, None)
+    model.train()
+    forward_backward(model, [collate(ev.encoded[:4], tiny_tokenizer.pad_token_id)], "token")
+    graphs = dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs > 0
+    event = ev(model, 1)
+    assert model.training and event["eval_loss"] > 0
+    ev.recipe.eval.generate = True
+    with eager():
+        _, decoded = ev.loss_and_answers(model.eval())
+    assert len(decoded.predictions) == 12
+    assert dynamo.utils.counters["stats"]["unique_graphs"] == graphs
