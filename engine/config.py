@@ -110,8 +110,9 @@ class DecodeConfig:
     no_repeat_ngram_size: int = 3
     max_sentences: int = 2
     max_chars: int = 300
-    batch_size: int = 32
-    """Prompts per forward pass for MC scoring and eval_loss."""
+    batch_size: int = 64
+    """Rows per forward pass of the eval's teacher-forced pass and of MC scoring (the GPU figures in
+    bench/RESULTS.md use 64)."""
     subj_batch_size: int = 128
     """Prompts per generate() call: a token step costs nearly the same for 15 rows as for 128."""
     mc_permutations: int = 1
