@@ -74,8 +74,8 @@ def fingerprint(test: Path, recipe, adapter, merge: bool) -> str:
     d = recipe.decode
     h.update(json.dumps([str(Path(recipe.model.path).resolve()), str(adapter and Path(adapter).resolve()),
                          recipe.data.system_prompt, recipe.data.max_len, d.max_new_tokens, d.temperature,
-                         d.no_repeat_ngram_size, d.max_sentences, d.max_chars, d.batch_size, d.subj_batch_size, d.fast_generate,
-                         d.mc_permutations, recipe.seed, merge]).encode())
+                         d.no_repeat_ngram_size, d.max_sentences, d.max_chars, d.batch_size, d.subj_batch_size,
+                         d.fast_generate, d.mc_permutations, recipe.seed, merge]).encode())
     if adapter is not None:
         h.update((Path(adapter) / "adapter_model.safetensors").read_bytes() if
                  (Path(adapter) / "adapter_model.safetensors").is_file() else b"")

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import StepTimer, card, fsku_length_mix, make_random_model, peak_gib, reset_peak, synchronize, write_json
+from bench.common import (StepTimer, card, fsku_length_mix, make_random_model, peak_gib, reset_peak, synchronize,
+                          write_json)
 from engine.config import LoraConfig, ModelConfig
 from engine.data import Encoded
 from engine.loss import collate, forward_backward

@@ -21,9 +21,11 @@ from decode.forward import causal_lm
 
 
 def supports(model) -> bool:
+    from engine.model import is_4bit
+
     lm = causal_lm(model)
     cfg = lm.config
-    quantized = any(getattr(p, "quant_state", None) is not None for p in lm.parameters())
+    quantized = any(is_4bit(p) for p in lm.parameters())
     return getattr(cfg, "model_type", "") == "qwen2" and not getattr(cfg, "use_sliding_window", False) \
         and not quantized
 

@@ -60,8 +60,9 @@ def teacher_forced(model, encoded: Sequence[Encoded], micro_batch: int, pad_id: 
                 logits = head(h[i:i + chunk]).float()
                 total += float(F.cross_entropy(logits, t[i:i + chunk], reduction="sum"))
                 at = first[i:i + chunk].nonzero()[:, 0]
-                for row, d, best in zip(rows[i:i + chunk][at].tolist(), logits[at][:, digits].cpu(),
-                                        logits[at].argmax(-1).tolist()):
+                firsts = logits[at]
+                for row, d, best in zip(rows[i:i + chunk][at].tolist(), firsts[:, digits].cpu(),
+                                        firsts.argmax(-1).tolist()):
                     digit_logits[rows_of_batch[row]] = d
                     top[rows_of_batch[row]] = best
         count += t.numel()

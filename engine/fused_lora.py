@@ -35,6 +35,11 @@ def fuse_lora_updates(model):
     return model
 
 
-def lora_linears(model) -> list[torch.nn.Module]:
-    return [m for m in model.modules()
+def named_lora_linears(model) -> list[tuple[str, torch.nn.Module]]:
+    """peft's LoRA layers over a linear (plain or 4-bit), with their module names."""
+    return [(name, m) for name, m in model.named_modules()
             if hasattr(m, "lora_A") and isinstance(getattr(m, "base_layer", None), torch.nn.Linear)]
+
+
+def lora_linears(model) -> list[torch.nn.Module]:
+    return [m for _, m in named_lora_linears(model)]

@@ -34,7 +34,8 @@ from engine.faults import fault
 from engine.labels import check_labels
 from engine.loss import collate, forward_backward
 from engine.fused_lora import fuse_lora_updates
-from engine.model import add_lora, compile_layers, count_parameters, ensure_tiny_model, load_base_model, load_tokenizer
+from engine.model import (add_lora, compile_layers, count_parameters, ensure_tiny_model, is_4bit, load_base_model,
+                          load_tokenizer)
 from engine.sampling import Sampler, micro_batches
 from engine.schedule import lr_at
 from engine.split import cap_kinds, pin_eval_subset, split_train_eval
@@ -220,8 +221,7 @@ def run(recipe: Recipe, overrides: list[str] = ()) -> dict:
     if t.compile:
         compile_layers(model)
     trainable, total = count_parameters(model)
-    quant = "4-bit NF4" if getattr(model, "is_loaded_in_4bit", False) or any(
-        p.dtype == torch.uint8 for p in model.parameters()) else f"{next(model.parameters()).dtype}"
+    quant = "4-bit NF4" if any(is_4bit(p) for p in model.parameters()) else f"{next(model.parameters()).dtype}"
     if main:
         print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%), base {quant}, "
               f"device {device.type}", flush=True)

@@ -154,10 +154,15 @@ def compile_layers(model, backend: str = "inductor") -> None:
         layer.compile(dynamic=True, backend=backend)
 
 
+def is_4bit(param) -> bool:
+    """A bitsandbytes 4-bit weight (Params4bit carries its quant state)."""
+    return getattr(param, "quant_state", None) is not None
+
+
 def _dense_weight(linear) -> torch.Tensor:
     """The weight a (possibly 4-bit) linear layer computes with, in fp32."""
     weight = linear.weight
-    if getattr(weight, "quant_state", None) is not None:  # bitsandbytes Params4bit
+    if is_4bit(weight):
         import bitsandbytes.functional as bnbf
         return bnbf.dequantize_4bit(weight.data, weight.quant_state).float()
     return weight.detach().float()
@@ -173,15 +178,15 @@ def merged_for_inference(model):
     RTX 4090 holds) and the LoRA update rounded into bf16 weights.
     """
     from decode.forward import causal_lm
+    from engine.fused_lora import named_lora_linears
 
     lm = causal_lm(model)
-    lora = {name: m for name, m in lm.named_modules() if hasattr(m, "lora_A") and hasattr(m, "get_base_layer")}
-    quantized = {name: m for name, m in lm.named_modules()
-                 if getattr(getattr(m, "weight", None), "quant_state", None) is not None
+    lora = dict(named_lora_linears(lm))
+    quantized = {name: m for name, m in lm.named_modules() if is_4bit(getattr(m, "weight", None))
                  and not any(name.startswith(outer + ".") for outer in lora)}
     dtype = lm.get_input_embeddings().weight.dtype  # the unquantized weights' dtype: bf16 on CUDA
     for name, module in [*lora.items(), *quantized.items()]:
-        base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+        base = module.base_layer if name in lora else module
         weight = _dense_weight(base)
         for adapter in getattr(module, "active_adapters", []):
             if adapter in module.lora_A:
