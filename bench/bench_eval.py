@@ -18,7 +18,6 @@ from engine.config import Recipe
 from engine.data import read_examples
 from engine.evaluate import Evaluator
 from engine.loss import autocast
-from engine.fused_lora import fuse_lora_updates
 from engine.model import add_lora, load_base_model, load_tokenizer
 
 
@@ -35,7 +34,8 @@ def hf_generate_seconds(model, tokenizer, prompts, max_new_tokens: int, batch: i
     return time.perf_counter() - t0
 
 
-def main(model_dir: str, eval_csv: str, out_json: str, batch_size: int = 64, skip_hf: bool = False) -> dict:
+def main(model_dir: str, eval_csv: str, out_json: str, batch_size: int = 64, skip_hf: bool = False,
+         variants: tuple[str, ...] = ("lora", "merged")) -> dict:
     recipe = Recipe()
     recipe.model.path = model_dir
     recipe.decode.batch_size = batch_size
@@ -51,9 +51,8 @@ def main(model_dir: str, eval_csv: str, out_json: str, batch_size: int = 64, ski
     subj = [p for e, p in zip(examples, ev.prompts) if e.kind == "subj"]
     result = {"card": card(), "date": time.strftime("%Y-%m-%d"), "rows": len(examples), "mc_rows": len(mc),
               "subj_rows": len(subj), "model_load_s": round(load_s, 1), "batch_size": batch_size}
-    for variant in ("lora", "fused_lora"):
-        if variant == "fused_lora":
-            fuse_lora_updates(model)
+    for variant in variants:
+        recipe.eval.merge_lora = variant == "merged"
         ev.loss_and_answers(model)  # warm-up: kernels, allocator
         synchronize()
         t0 = time.perf_counter()
@@ -87,5 +86,6 @@ if __name__ == "__main__":
     p.add_argument("out_json")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--variants", default="lora,merged", help="lora (eval.merge_lora off), merged")
     a = p.parse_args()
-    main(a.model_dir, a.eval_csv, a.out_json, a.batch_size, a.skip_hf)
+    main(a.model_dir, a.eval_csv, a.out_json, a.batch_size, a.skip_hf, tuple(a.variants.split(",")))

@@ -7,7 +7,8 @@ as its collator does; `gmixN`: micro-batches of N sorted by length first, as `tr
 does). Median step time of the steps after 3 warm-up steps, synchronised.
 
     python -m bench.bench_train MODEL_DIR OUT_JSON [--steps 13] [--shapes 4x512,8x1024,8x2048,mix8,mix16]
-        [--hf-shapes ...] [--ours compile --ours compile+fused_lora] [--skip-hf] [--profile SHAPE]
+        [--hf-shapes ...] [--ours compile+absmax+keep4 --ours compile+absmax+keep2:8x2048] [--skip-hf]
+        [--profile SHAPE]
         [--from-config ../shared/models/ax4-light-tokenizer]
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import json
 import gc
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +25,10 @@ import torch
 
 from bench.common import (StepTimer, card, fsku_length_mix, make_random_model, peak_gib, reset_peak, synchronize,
                           write_json)
-from engine.config import LoraConfig, ModelConfig
+from engine.config import LoraConfig, ModelConfig, TrainConfig
 from engine.data import Encoded
 from engine.loss import collate, forward_backward
+from engine.model import keep_activations
 
 WARMUP = 3
 VOCAB_LOW = 1000  # random ids above the special tokens
@@ -113,15 +116,27 @@ def run_hf(model, data: list[list[Encoded]]) -> dict:
     return result
 
 
-def our_model(model_dir: str, compile: bool = False, fused_lora: bool = False):
-    from engine.fused_lora import fuse_lora_updates
-    from engine.model import add_lora, compile_layers, load_base_model
+def levers_of(variant: str) -> TrainConfig:
+    """'eager', or levers joined by '+': compile, fused_lora, absmax (train.expand_double_quant), keepN
+    (train.keep_activations=N)."""
+    train = TrainConfig()
+    for lever in set(variant.split("+")) - {"eager"}:
+        if lever in ("compile", "fused_lora"):
+            setattr(train, lever, True)
+        elif lever == "absmax":
+            train.expand_double_quant = True
+        elif lever.startswith("keep") and lever[4:].isdigit():
+            train.keep_activations = int(lever[4:])
+        else:
+            raise SystemExit(f"--ours {variant}: unknown lever {lever!r}")
+    return train
+
+
+def our_model(model_dir: str, train: TrainConfig | None = None):
+    from engine.model import add_lora, apply_speed_levers, load_base_model
 
     model = add_lora(load_base_model(ModelConfig(path=model_dir, quant="nf4")), LoraConfig(), True)
-    if fused_lora:
-        fuse_lora_updates(model)
-    if compile:
-        compile_layers(model)
+    apply_speed_levers(model, train or TrainConfig())
     model.train()
     return model
 
@@ -181,7 +196,7 @@ def fill_entries(results: dict, ours: dict[str, dict], hf: dict[str, dict], data
     for shape in data:
         padded, real = counts(data[shape])
         entry = results["shapes"].setdefault(shape, {"padded_tokens_per_step": padded, "real_tokens_per_step": real})
-        for prefix, figures in (("ours", ours), ("hf", hf)):
+        for prefix, figures in (("ours", ours), ("hf", hf)):  # ours_variant: the levers that ran the shape
             for key, value in figures.get(shape, {}).items():
                 entry[f"{prefix}_{key}"] = value
         if "hf_step_s" in entry and "ours_step_s" in entry:
@@ -197,9 +212,10 @@ def main() -> None:
     p.add_argument("--shapes", default="4x512,8x1024,8x2048,mix8,mix16", help="shapes of our loop")
     p.add_argument("--hf-shapes", help="shapes of the HF recipe (default: --shapes)")
     p.add_argument("--skip-hf", action="store_true")
-    p.add_argument("--ours", action="append", metavar="LEVERS",
-                   help="a variant of our loop: 'eager' or levers joined by '+' (compile, fused_lora); repeat "
-                        "for several; the last one fills the ours_* keys (default: eager)")
+    p.add_argument("--ours", action="append", metavar="LEVERS[:SHAPES]",
+                   help="a variant of our loop: 'eager' or levers joined by '+' (compile, fused_lora, absmax, "
+                        "keepN), optionally with its own shapes; repeat for several; for each shape the "
+                        "last variant that ran it fills the ours_* keys (default: eager)")
     p.add_argument("--profile", metavar="SHAPE", help="after timing, profile two steps of the last variant at SHAPE")
     p.add_argument("--from-config", metavar="DIR", help="first build the random model at MODEL_DIR from DIR's "
                                                          "config.json and tokenizer (skipped when it exists)")
@@ -211,31 +227,46 @@ def main() -> None:
     vocab = vocab_size(a.model_dir)
     shapes = a.shapes.split(",")
     hf_shapes = (a.hf_shapes or a.shapes).split(",")
-    data = {shape: batches_for(shape, a.steps, vocab) for shape in dict.fromkeys(shapes + hf_shapes)}
-    variants = a.ours or ["eager"]
-    for variant in variants:
-        levers = set(variant.split("+")) - {"eager"}
-        if levers - {"compile", "fused_lora"}:
-            raise SystemExit(f"--ours {variant}: unknown lever {sorted(levers - {'compile', 'fused_lora'})}")
-        print("ours:", variant, flush=True)
-        model = our_model(a.model_dir, "compile" in levers, "fused_lora" in levers)
-        if "compile" in levers:  # compile once, outside the timed steps
-            run_ours(model, data[shapes[0]][:2] * 2)
-        results["variants"][variant] = time_shapes(model, run_ours, {s: data[s] for s in shapes})
-        if variant == variants[-1] and a.profile:
+    variants = [parse_variant(v, shapes) for v in a.ours or ["eager"]]
+    data = {shape: batches_for(shape, a.steps, vocab)
+            for shape in dict.fromkeys([s for _, v_shapes in variants for s in v_shapes] + hf_shapes)}
+    model, model_levers = None, None
+    ours: dict[str, dict] = {}
+    for n, (variant, v_shapes) in enumerate(variants):
+        train = levers_of(variant)
+        print("ours:", variant, v_shapes, flush=True)
+        if model is not None and replace(train, keep_activations=0) == model_levers:
+            keep_activations(model, train.keep_activations)  # same model: only where checkpointing stops
+        else:
+            del model
+            gc.collect()
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+            model, model_levers = our_model(a.model_dir, train), replace(train, keep_activations=0)
+            if train.compile:  # compile once, outside the timed steps
+                run_ours(model, data[v_shapes[0]][:2] * 2)
+        timed = time_shapes(model, run_ours, {s: data[s] for s in v_shapes})
+        results["variants"].setdefault(variant, {}).update(timed)
+        ours.update({s: {**r, "variant": variant} for s, r in timed.items()})
+        if n == len(variants) - 1 and a.profile:
             results["ours_profile"] = profile_steps(model, batches_for(a.profile, 2, vocab),
                                                     Path(a.out_json).with_suffix(".profile.txt"))
-        results["ours_variant"] = variant
-        fill_entries(results, results["variants"][variant], {}, data)
+        fill_entries(results, ours, {}, data)
         write_json(Path(a.out_json), results)
-        del model
-        gc.collect()
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    del model
+    gc.collect()
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
     if not a.skip_hf:
         print("hf", flush=True)
         results["hf"] = time_shapes(hf_model(a.model_dir), run_hf, {s: data[s] for s in hf_shapes})
-        fill_entries(results, results["variants"][variants[-1]], results["hf"], data)
+        fill_entries(results, ours, results["hf"], data)
         write_json(Path(a.out_json), results)
+
+
+def parse_variant(spec: str, default_shapes: list[str]) -> tuple[str, list[str]]:
+    """'LEVERS' or 'LEVERS:SHAPE,SHAPE': the levers of one variant of our loop and the shapes it runs."""
+    levers, _, shapes = spec.partition(":")
+    levers_of(levers)  # fail on an unknown lever before any model loads
+    return levers, shapes.split(",") if shapes else default_shapes
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One device call: stage "final-train" (HF Trainer vs our loop, compiled + fused LoRA),
+# One device call: stage "final-train" (HF Trainer vs our loop: compiled layers, expanded double quant,
+# the last layers kept out of checkpointing),
 # "final-eval" (in-loop eval and infer.py beside HF generate), "loop" (train.py baseline 30 steps), ... Needs .whl (../shared/tools/gpu-carry.sh) and .carry
 # (A.X tokenizer files + FSKU dev CSV) carried along. Results land in $OUT.
 set -uo pipefail
@@ -34,12 +35,20 @@ elif [ "$stage" = ddp ]; then
     > "$OUT/ddp2.log" 2>&1
   cp .cache/ddp1/metrics.jsonl "$OUT/ddp1_metrics.jsonl"; cp .cache/ddp2/metrics.jsonl "$OUT/ddp2_metrics.jsonl"
   nvidia-smi --query-gpu=index,name --format=csv,noheader >> "$OUT/gpu_$stage.txt"
+elif [ "$stage" = explore-levers ]; then
+  timeout 150 python3 -m bench.bench_eval $M $D/eval2000.csv "$OUT/eval.json" --skip-hf --variants lora,merged \
+    > "$OUT/eval.log" 2>&1
+  timeout 420 python3 -m bench.bench_train $M "$OUT/train.json" --skip-hf --shapes 8x1024 --ours compile+keep4 \
+    --ours compile+absmax+keep4 > "$OUT/train.log" 2>&1
 elif [ "$stage" = final-train ]; then
-  timeout 440 python3 -m bench.bench_train $M "$OUT/train.json" --shapes 4x512,8x1024,8x2048,mix8,mix16,gmix128 \
-    --hf-shapes 4x512,8x1024,8x2048,mix8,mix16 --ours compile+fused_lora > "$OUT/train.log" 2>&1
+  timeout 560 python3 -m bench.bench_train $M "$OUT/train.json" --hf-shapes 4x512,8x1024,8x2048,mix8,mix16 \
+    --ours compile+absmax+keep4:4x512,8x1024,mix8,mix16,gmix128 --ours compile+absmax+keep2:8x2048 \
+    > "$OUT/train.log" 2>&1
 elif [ "$stage" = final-eval ]; then
   python3 -c "from pathlib import Path; from bench.common import make_random_adapter as a; a(Path('$M'), Path('.cache/adapter'))"
   timeout 200 python3 -m bench.bench_eval $M $D/eval2000.csv "$OUT/eval.json" > "$OUT/eval.log" 2>&1
+  timeout 100 python3 -m bench.bench_eval $M $D/eval2000.csv "$OUT/eval128.json" --skip-hf --variants merged \
+    --batch-size 128 >> "$OUT/eval.log" 2>&1
   for merge in "" --no-merge; do
     timeout 120 python3 infer.py --test $D/contest.csv --out .cache/submission$merge.csv --model $M \
       --adapter .cache/adapter --batch-size 64 $merge > "$OUT/infer$merge.json" 2> "$OUT/infer$merge.log"

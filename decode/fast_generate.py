@@ -3,10 +3,11 @@ projections, MLP, head) directly.
 
 HF `generate` spends most of a token step in Python around those modules (~75 ms a step for A.X 4.0 Light
 on an H100, whatever the batch); this loop runs the same arithmetic with a few ops per layer. It covers the
-Qwen2 family (A.X 4.0 Light) with full attention and plain (merged, unquantized) linears, greedy decoding
-only; anything else goes to HF `generate`. Measured on an H100 (bench/RESULTS.md): the merged A.X-shape
-model answers 15 questions x 64 tokens in 2.4 s instead of 4.7 s; with 4-bit layers + LoRA branches the
-loop was slower than HF `generate` (eval of 300 answers: 11.2 s against ~8.6 s), so those keep HF's.
+Qwen2 family (A.X 4.0 Light) with full attention, plain or 4-bit weights (4-bit with any LoRA update
+merged), greedy decoding only; anything else goes to HF `generate`. Measured (bench/RESULTS.md):
+the merged A.X-shape model answers 15 questions x 64 tokens in 2.4 s instead of 4.7 s (H100); the 4-bit
+model with LoRA merged on the fly, 300 x 64 tokens in 4.75 s instead of 6.19 s (H200); with peft's LoRA
+branches the loop was slower than HF `generate` (11.2 s against ~8.6 s, H100), so those keep HF's.
 Grouped-query attention is computed by grouping the query heads of each KV head, so the cache is never
 repeated per head; attention scores and softmax run in fp32.
 """
@@ -21,13 +22,16 @@ from decode.forward import causal_lm
 
 
 def supports(model) -> bool:
+    """Qwen2 family, full attention; a 4-bit model only with its LoRA updates merged (eval's merged-on-the-fly
+    model), since the loop ran slower than HF `generate` through 4-bit layers with peft's LoRA branches."""
+    from engine.fused_lora import runs_lora_branches
     from engine.model import is_4bit
 
     lm = causal_lm(model)
     cfg = lm.config
     quantized = any(is_4bit(p) for p in lm.parameters())
     return getattr(cfg, "model_type", "") == "qwen2" and not getattr(cfg, "use_sliding_window", False) \
-        and not quantized
+        and not (quantized and runs_lora_branches(model))
 
 
 def _no_autocast(device: torch.device):

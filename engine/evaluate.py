@@ -2,6 +2,7 @@
 decoding), scored with the competition metric. Leaves the training RNG untouched."""
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from decode.mc import MCAnswer, answer_mc, choice
 from decode.subjective import answer_subjective
 from engine.config import Recipe
 from engine.errors import UserError
+from engine.fused_lora import lora_merged_on_the_fly
 from engine.data import Encoded, Example, encode_all, encode_prompt
 from engine.loss import answer_positions, autocast, collate
 from metrics.embedders import load_embedder
@@ -79,7 +81,6 @@ class Decoded:
 def eager():
     """Run compiled layers (train.compile) eagerly: eval's no-grad forwards and generation steps would
     each compile new graphs for minutes, for a pass that runs once every few hundred steps."""
-    import contextlib
     stance = getattr(torch.compiler, "set_stance", None)  # PyTorch >= 2.6
     return stance("force_eager") if stance else contextlib.nullcontext()
 
@@ -147,12 +148,13 @@ class Evaluator:
 
     def loss_and_answers(self, model) -> tuple[float, Optional[Decoded]]:
         """eval_loss and, with eval.generate, every row's answer: one teacher-forced pass gives the loss and
-        the MC answers, generation then answers the subjective rows."""
-        tf = teacher_forced(model, self.encoded, self.recipe.decode.batch_size, self.tokenizer.pad_token_id,
-                            self.digit_ids, self.recipe.train.ce_chunk or 4096)
-        if not self.recipe.eval.generate:
-            return tf.loss, None
-        return tf.loss, self.decode(model, self.mc_from_teacher_forced(tf))
+        the MC answers, generation then answers the subjective rows. `model` is in eval mode."""
+        with lora_merged_on_the_fly(model) if self.recipe.eval.merge_lora else contextlib.nullcontext():
+            tf = teacher_forced(model, self.encoded, self.recipe.decode.batch_size, self.tokenizer.pad_token_id,
+                                self.digit_ids, self.recipe.train.ce_chunk or 4096)
+            if not self.recipe.eval.generate:
+                return tf.loss, None
+            return tf.loss, self.decode(model, self.mc_from_teacher_forced(tf))
 
     def __call__(self, model, step: int, on_decoded: Callable[[], object] = lambda: None) -> dict:
         """One eval event (without the `event`/`step` keys); predictions go to eval/step-<N>.jsonl."""

@@ -1,13 +1,18 @@
-"""LoRA's update added inside its second matmul.
+"""Two other ways to compute a peft LoRA linear, each the same function as peft's.
 
-peft computes a LoRA linear as `base(x).clone() + B(A(dropout(x))) * scale`: the update `B(...)` is written
-out at the full output width, then read back with the base output to write their sum. `addmm` adds the
-rank-r product straight onto the base output (one read, one write of the output), and the clone goes. On the
-gate and up projections (18,944 wide) that is most of the memory traffic LoRA adds to a layer. Same function,
-same dropout draws in the same order; only where the sum is formed differs.
+Training (`train.fused_lora`): the update added inside its second matmul. peft computes a LoRA linear as
+`base(x).clone() + B(A(dropout(x))) * scale`: the update `B(...)` is written out at the full output width,
+then read back with the base output to write their sum. `addmm` adds the rank-r product straight onto the
+base output (one read, one write of the output), and the clone goes. On the gate and up projections
+(18,944 wide) that is most of the memory traffic LoRA adds to a layer. Same function, same dropout draws in
+the same order; only where the sum is formed differs.
+
+Eval (`eval.merge_lora`): the update merged into the dequantized weight for each call, one matmul a layer.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import types
 
 import torch
@@ -43,3 +48,55 @@ def named_lora_linears(model) -> list[tuple[str, torch.nn.Module]]:
 
 def lora_linears(model) -> list[torch.nn.Module]:
     return [m for _, m in named_lora_linears(model)]
+
+
+def runs_lora_branches(model) -> bool:
+    """Whether some active LoRA layer of `model` computes its update apart from the base matmul (peft's
+    forward or the addmm one), rather than merged into the weight."""
+    return any(not m.disable_adapters and not m.merged and m.active_adapters
+               and getattr(m.forward, "func", None) is not merged_forward for m in lora_linears(model))
+
+
+def merged_forward(self, dtype: torch.dtype, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """The layer as one matmul, its LoRA update added into the dequantized weight for this call: eval mode
+    (no dropout) and no grad only."""
+    from engine.model import dense_weight
+
+    base = self.base_layer
+    if self.disable_adapters or self.merged:
+        return base(x, *args, **kwargs)
+    weight = dense_weight(base, dtype)
+    for adapter in self.active_adapters:
+        if adapter in self.lora_A:
+            weight = torch.addmm(weight, self.lora_B[adapter].weight.to(dtype), self.lora_A[adapter].weight.to(dtype),
+                                 alpha=self.scaling[adapter])
+    bias = None if base.bias is None else base.bias.to(dtype)
+    return torch.nn.functional.linear(x.to(dtype), weight, bias)
+
+
+@contextlib.contextmanager
+def lora_merged_on_the_fly(model):
+    """Inside: no grad, and every LoRA linear of `model` (in eval mode) computes `merged_forward`.
+
+    A 4-bit projection costs a dequantize, one addmm into the dequantized weight and one matmul, where peft
+    runs the base matmul, two LoRA matmuls, a scale and an add, each a module call or op of its own: eval
+    forwards and generation steps are host-bound, so the op count is their time. The same function up to
+    the bf16 rounding of the merged weight (what infer.py's merged model computes). On exit each layer's
+    forward is what it was (peft's, or `train.fused_lora`'s).
+    """
+    from decode.forward import causal_lm
+
+    dtype = causal_lm(model).get_input_embeddings().weight.dtype  # the unquantized weights': bf16 on CUDA
+    modules = lora_linears(model)
+    before = [m.__dict__.get("forward") for m in modules]
+    try:
+        for m in modules:
+            m.forward = functools.partial(merged_forward, m, dtype)
+        with torch.no_grad():
+            yield model
+    finally:
+        for m, forward in zip(modules, before):
+            if forward is None:
+                del m.forward
+            else:
+                m.forward = forward

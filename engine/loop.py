@@ -33,9 +33,8 @@ from engine.evaluate import Evaluator
 from engine.faults import fault
 from engine.labels import check_labels
 from engine.loss import collate, forward_backward
-from engine.fused_lora import fuse_lora_updates
-from engine.model import (add_lora, compile_layers, count_parameters, ensure_tiny_model, is_4bit, load_base_model,
-                          load_tokenizer)
+from engine.model import (add_lora, apply_speed_levers, count_parameters, ensure_tiny_model, is_4bit,
+                          load_base_model, load_tokenizer)
 from engine.sampling import Sampler, micro_batches
 from engine.schedule import lr_at
 from engine.split import cap_kinds, pin_eval_subset, split_train_eval
@@ -215,11 +214,7 @@ def run(recipe: Recipe, overrides: list[str] = ()) -> dict:
     log.info("data: %d train (%d MC, %d subjective), %d eval rows; %d rank(s)", len(train_ex), n_mc,
              len(train_ex) - n_mc, len(eval_ex), dist.world_size())
 
-    model = add_lora(load_base_model(recipe.model), recipe.lora, t.gradient_checkpointing)
-    if t.fused_lora:
-        fuse_lora_updates(model)
-    if t.compile:
-        compile_layers(model)
+    model = apply_speed_levers(add_lora(load_base_model(recipe.model), recipe.lora, t.gradient_checkpointing), t)
     trainable, total = count_parameters(model)
     quant = "4-bit NF4" if any(is_4bit(p) for p in model.parameters()) else f"{next(model.parameters()).dtype}"
     if main:

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from engine.config import LoraConfig, ModelConfig
+from engine.config import LoraConfig, ModelConfig, TrainConfig
 from engine.errors import UserError
 
 log = logging.getLogger("engine")
@@ -144,6 +144,59 @@ def ensure_tiny_model(cfg: ModelConfig, texts_source: Optional[str]) -> None:
     build_tiny_model(cfg.path, texts)
 
 
+def keep_activations(model, n: int) -> None:
+    """Checkpoint every decoder layer but the last `n`: backward reads their saved activations instead
+    of running their forward again. The last layers, because backward reaches them first and frees their
+    activations before it recomputes any checkpointed layer. Call again with another `n` to change it."""
+    from decode.forward import causal_lm
+
+    layers = causal_lm(model).get_decoder().layers
+    if n > len(layers):
+        raise UserError(f"train.keep_activations: {n} is more than the model's {len(layers)} layers")
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:
+        GradientCheckpointingLayer = None
+    if GradientCheckpointingLayer is None or not isinstance(layers[0], GradientCheckpointingLayer):
+        raise UserError("train.keep_activations needs per-layer gradient checkpointing (transformers >= 4.52)")
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i < len(layers) - n
+
+
+def expand_double_quant(model) -> int:
+    """Store the block scales (absmax) of every double-quantized 4-bit weight as the fp32 values
+    bitsandbytes dequantizes them to at each use, so no matmul dequantizes them again. Returns the count
+    of weights changed; the weights themselves stay 4-bit and compute bit for bit the same."""
+    import bitsandbytes.functional as bnbf
+
+    changed = 0
+    for param in model.parameters():
+        state = getattr(param, "quant_state", None)
+        if state is None or not state.nested:
+            continue
+        absmax = bnbf.dequantize_blockwise(state.absmax, state.state2)  # bitsandbytes' own steps, once
+        absmax += state.offset
+        state.absmax, state.state2, state.offset, state.nested = absmax.float(), None, None, False
+        changed += 1
+    return changed
+
+
+def apply_speed_levers(model, train: TrainConfig):
+    """The recipe's switches that change how fast a step runs, never what it computes: layers kept out
+    of checkpointing, the fused LoRA update, compiled layers (last: it compiles what the others set up)."""
+    from engine.fused_lora import fuse_lora_updates
+
+    if train.keep_activations and train.gradient_checkpointing:
+        keep_activations(model, train.keep_activations)
+    if train.expand_double_quant:
+        expand_double_quant(model)
+    if train.fused_lora:
+        fuse_lora_updates(model)
+    if train.compile:
+        compile_layers(model)
+    return model
+
+
 def compile_layers(model, backend: str = "inductor") -> None:
     """torch.compile each decoder layer (regional compilation: one graph shared by identical layers, with
     dynamic shapes so varying sequence lengths do not recompile). It removes most of the host overhead
@@ -159,13 +212,14 @@ def is_4bit(param) -> bool:
     return getattr(param, "quant_state", None) is not None
 
 
-def _dense_weight(linear) -> torch.Tensor:
-    """The weight a (possibly 4-bit) linear layer computes with, in fp32."""
+def dense_weight(linear, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The weight a (possibly 4-bit) linear layer computes with, in `dtype`. A plain weight already in
+    `dtype` comes back as itself: never modify the result in place."""
     weight = linear.weight
     if is_4bit(weight):
         import bitsandbytes.functional as bnbf
-        return bnbf.dequantize_4bit(weight.data, weight.quant_state).float()
-    return weight.detach().float()
+        return bnbf.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
+    return weight.detach().to(dtype)
 
 
 def merged_for_inference(model):
@@ -187,10 +241,10 @@ def merged_for_inference(model):
     dtype = lm.get_input_embeddings().weight.dtype  # the unquantized weights' dtype: bf16 on CUDA
     for name, module in [*lora.items(), *quantized.items()]:
         base = module.base_layer if name in lora else module
-        weight = _dense_weight(base)
+        weight = dense_weight(base)
         for adapter in getattr(module, "active_adapters", []):
             if adapter in module.lora_A:
-                weight += module.get_delta_weight(adapter).float()
+                weight = weight + module.get_delta_weight(adapter).float()
         dense = torch.nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
                                 device=weight.device, dtype=dtype)
         with torch.no_grad():

@@ -130,13 +130,14 @@ def test_generated_answers_repeat_no_trigram(model, tiny_tokenizer):
         assert len(grams) == len(set(grams))
 
 
-@pytest.mark.parametrize("with_lora", [False, True])
+@pytest.mark.parametrize("with_lora", [False, True, "merged on the fly"])
 def test_fast_greedy_generation_gives_the_tokens_of_hf_generate(model, tiny_model, tiny_tokenizer, with_lora):
-    """Our KV-cache loop against HF generate: left-padded batch, end-of-turn, no-repeat rule, LoRA layers."""
-    from decode.batching import left_pad
-    from decode.fast_generate import greedy_generate, supports
-    from decode.subjective import ban_repeats, hf_generate
-    from engine.config import DataConfig, LoraConfig
+    """Our KV-cache loop against HF generate: left-padded batch, end-of-turn, no-repeat rule, LoRA layers
+    (peft's, and merged into the weights on the fly as the in-loop eval runs them)."""
+    import contextlib
+
+    from engine.config import LoraConfig
+    from engine.fused_lora import lora_merged_on_the_fly
     from engine.model import add_lora
 
     m = model
@@ -147,6 +148,16 @@ def test_fast_greedy_generation_gives_the_tokens_of_hf_generate(model, tiny_mode
             if "lora_B" in name:
                 torch.nn.init.normal_(p, std=0.05)
         m.eval()
+    with lora_merged_on_the_fly(m) if with_lora == "merged on the fly" else contextlib.nullcontext():
+        check_fast_generation(m, tiny_tokenizer)
+
+
+def check_fast_generation(m, tiny_tokenizer):
+    from decode.batching import left_pad
+    from decode.fast_generate import greedy_generate, supports
+    from decode.subjective import ban_repeats, hf_generate
+    from engine.config import DataConfig
+
     assert supports(m)
     examples = read_examples(SAMPLE)
     prompts = [encode_prompt(tiny_tokenizer, e, DataConfig().system_prompt) for e in examples[::7]]
@@ -166,9 +177,17 @@ def test_fast_greedy_generation_gives_the_tokens_of_hf_generate(model, tiny_mode
     assert any(eos in r[:-1] for r in theirs) and any(eos not in r for r in theirs)  # both ways of ending
 
 
-def test_fast_generation_leaves_4bit_models_to_hf_generate(tiny_model):
+def test_fast_generation_leaves_4bit_models_with_lora_branches_to_hf_generate(tiny_model):
     from decode.fast_generate import supports
-    m = load_base_model(ModelConfig(path=str(tiny_model), quant="none"))
+    from engine.config import LoraConfig
+    from engine.fused_lora import lora_merged_on_the_fly
+    from engine.model import add_lora
+    m = add_lora(load_base_model(ModelConfig(path=str(tiny_model), quant="none")), LoraConfig(r=4), False).eval()
     assert supports(m)
-    m.model.layers[0].mlp.up_proj.weight.quant_state = object()  # what bitsandbytes' Params4bit carries
+    base = m.get_base_model().model.layers[0].mlp.up_proj.base_layer
+    base.weight.quant_state = object()  # what bitsandbytes' Params4bit carries
     assert not supports(m)
+    with lora_merged_on_the_fly(m):
+        assert supports(m)
+    with m.disable_adapter():
+        assert supports(m)

@@ -87,3 +87,41 @@ def test_eval_runs_compiled_layers_eagerly(tiny_model, tiny_tokenizer):
         _, decoded = ev.loss_and_answers(model.eval())
     assert len(decoded.predictions) == 12
     assert dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
+def test_eval_with_lora_merged_on_the_fly_equals_peft(tiny_model, tiny_tokenizer):
+    """eval.merge_lora: the same logits, eval_loss and answers as peft's LoRA layers; on exit every layer's
+    forward is what it was (peft's, or train.fused_lora's addmm)."""
+    from engine.config import LoraConfig
+    from engine.fused_lora import addmm_forward, fuse_lora_updates, lora_linears, lora_merged_on_the_fly
+    from engine.model import add_lora
+
+    torch.manual_seed(0)
+    model = add_lora(load_base_model(ModelConfig(path=str(tiny_model), quant="none")),
+                     LoraConfig(r=4, alpha=8, dropout=0.1), False)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    model.eval()
+    fuse_lora_updates(lora_linears(model)[0])  # one layer with the training lever's forward
+    ids = torch.tensor([tiny_tokenizer("1 파일 암호화 2 접근 통제")["input_ids"]])
+    with torch.no_grad():
+        peft_logits = model(input_ids=ids).logits
+    with lora_merged_on_the_fly(model):
+        assert not torch.is_grad_enabled()
+        merged_logits = model(input_ids=ids).logits
+    assert torch.allclose(peft_logits, merged_logits, atol=1e-5)
+    with torch.no_grad(), model.disable_adapter():
+        assert (peft_logits - model(input_ids=ids).logits).abs().max() > 1e-3  # the adapters count
+    forwards = [m.__dict__.get("forward") for m in lora_linears(model)]
+    assert forwards[0].__func__ is addmm_forward and forwards[1:] == [None] * (len(forwards) - 1)
+
+    recipe = Recipe()
+    results = []
+    for merge in (False, True):
+        recipe.eval.merge_lora = merge
+        ev = Evaluator(tiny_tokenizer, read_examples(SAMPLE), recipe, None)
+        loss, decoded = ev.loss_and_answers(model)
+        results.append((loss, [(p.id, p.text) for p in decoded.predictions]))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    assert results[0][1] == results[1][1]

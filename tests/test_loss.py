@@ -98,25 +98,81 @@ def loss_and_grads(model, batch):
     return loss, grads(model)
 
 
-@pytest.mark.parametrize("lever", ["gradient_checkpointing", "compile", "fused_lora", "fused_lora+dropout"])
+@pytest.mark.parametrize("lever", ["gradient_checkpointing", "compile", "fused_lora", "fused_lora+dropout",
+                                   "keep_activations+dropout"])
 def test_speed_levers_keep_the_same_loss(setup, tiny_model, lever):
     """Each switch of train.* that buys speed computes the same loss and gradient (fp32, 1e-4)."""
     from engine.fused_lora import addmm_forward, fuse_lora_updates, lora_linears
-    from engine.model import compile_layers
+    from engine.model import compile_layers, keep_activations
     _, enc, pad = setup
     batch = collate(enc, pad)
     dropout = 0.1 if "dropout" in lever else 0.0
     plain_model = fresh_model(tiny_model, False, dropout)
     torch.manual_seed(5)
     plain = loss_and_grads(plain_model, batch)
-    model = fresh_model(tiny_model, lever == "gradient_checkpointing", dropout)
+    model = fresh_model(tiny_model, lever.split("+")[0] in ("gradient_checkpointing", "keep_activations"), dropout)
     if lever == "compile":
         compile_layers(model)
     if lever.startswith("fused_lora"):
         fuse_lora_updates(model)
         assert sum(m.forward.__func__ is addmm_forward for m in lora_linears(model)) == 2 * 7  # 2 layers x 7
+    if lever.startswith("keep_activations"):
+        keep_activations(model, 1)  # layer 0 recomputed (dropout redrawn as it was), layer 1 kept
     torch.manual_seed(5)  # the same dropout draws
     fast = loss_and_grads(model, batch)
     assert abs(plain[0] - fast[0]) < 1e-4
     for name, g in plain[1].items():
         assert torch.allclose(g, fast[1][name], atol=1e-4), name
+
+
+def mlp_forward_counts(model, batch) -> list[int]:
+    """How often each decoder layer's MLP starts in one forward + backward (twice where recomputed; a
+    pre-hook, since the recompute stops as soon as it has what backward needs, before the MLP returns)."""
+    from decode.forward import causal_lm
+    layers = causal_lm(model).get_decoder().layers
+    counts = [0] * len(layers)
+    hooks = [layer.mlp.register_forward_pre_hook(lambda *_, i=i: counts.__setitem__(i, counts[i] + 1))
+             for i, layer in enumerate(layers)]
+    forward_backward(model, [batch], "token")
+    for h in hooks:
+        h.remove()
+    return counts
+
+
+def test_keep_activations_skips_the_recompute_of_the_last_layers(setup, tiny_model):
+    from engine.model import keep_activations
+    _, enc, pad = setup
+    batch = collate(enc[:2], pad)
+    model = fresh_model(tiny_model, True)
+    assert mlp_forward_counts(model, batch) == [2, 2]
+    keep_activations(model, 1)
+    assert mlp_forward_counts(model, batch) == [2, 1]
+    keep_activations(model, 2)
+    assert mlp_forward_counts(model, batch) == [1, 1]
+
+
+def test_keep_activations_beyond_the_layer_count_is_a_user_error(tiny_model):
+    from engine.errors import UserError
+    from engine.model import keep_activations
+    with pytest.raises(UserError, match="train.keep_activations: 3 is more than the model's 2 layers"):
+        keep_activations(fresh_model(tiny_model, True), 3)
+
+
+def test_expanded_double_quant_dequantizes_to_the_same_weights():
+    """train.expand_double_quant: fp32 block scales stored once; the 4-bit weight dequantizes bit for bit
+    as before."""
+    import bitsandbytes.functional as bnbf
+    from engine.model import expand_double_quant
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(256, 64, bias=False)
+    packed, state = bnbf.quantize_4bit(layer.weight.data.to(torch.bfloat16), quant_type="nf4",
+                                       compress_statistics=True)
+    assert state.nested and state.absmax.dtype == torch.uint8
+    layer.weight = torch.nn.Parameter(packed, requires_grad=False)
+    layer.weight.quant_state = state
+    before = bnbf.dequantize_4bit(packed, state).clone()
+    assert expand_double_quant(layer) == 1
+    assert not state.nested and state.absmax.dtype == torch.float32 and state.state2 is None
+    assert torch.equal(bnbf.dequantize_4bit(packed, state), before)
+    assert expand_double_quant(layer) == 0  # nothing left to expand
