@@ -229,18 +229,16 @@ def main() -> None:
     hf_shapes = (a.hf_shapes or a.shapes).split(",")
     variants = [parse_variant(v, shapes) for v in a.ours or ["eager"]]
     data = {shape: batches_for(shape, a.steps, vocab)
-            for shape in dict.fromkeys([s for _, v_shapes in variants for s in v_shapes] + hf_shapes)}
+            for shape in dict.fromkeys([s for *_, v_shapes in variants for s in v_shapes] + hf_shapes)}
     model, model_levers = None, None
     ours: dict[str, dict] = {}
-    for n, (variant, v_shapes) in enumerate(variants):
-        train = levers_of(variant)
+    for n, (variant, train, v_shapes) in enumerate(variants):
         print("ours:", variant, v_shapes, flush=True)
         if model is not None and replace(train, keep_activations=0) == model_levers:
             keep_activations(model, train.keep_activations)  # same model: only where checkpointing stops
         else:
-            del model
-            gc.collect()
-            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+            model = None
+            release_gpu_memory()
             model, model_levers = our_model(a.model_dir, train), replace(train, keep_activations=0)
             if train.compile:  # compile once, outside the timed steps
                 run_ours(model, data[v_shapes[0]][:2] * 2)
@@ -252,9 +250,8 @@ def main() -> None:
                                                     Path(a.out_json).with_suffix(".profile.txt"))
         fill_entries(results, ours, {}, data)
         write_json(Path(a.out_json), results)
-    del model
-    gc.collect()
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    model = None
+    release_gpu_memory()
     if not a.skip_hf:
         print("hf", flush=True)
         results["hf"] = time_shapes(hf_model(a.model_dir), run_hf, {s: data[s] for s in hf_shapes})
@@ -262,11 +259,18 @@ def main() -> None:
         write_json(Path(a.out_json), results)
 
 
-def parse_variant(spec: str, default_shapes: list[str]) -> tuple[str, list[str]]:
-    """'LEVERS' or 'LEVERS:SHAPE,SHAPE': the levers of one variant of our loop and the shapes it runs."""
+def parse_variant(spec: str, default_shapes: list[str]) -> tuple[str, TrainConfig, list[str]]:
+    """'LEVERS' or 'LEVERS:SHAPE,SHAPE': one variant of our loop (its name, its levers, the shapes it runs),
+    parsed before any model loads so that a mistake costs no GPU time."""
     levers, _, shapes = spec.partition(":")
-    levers_of(levers)  # fail on an unknown lever before any model loads
-    return levers, shapes.split(",") if shapes else default_shapes
+    return levers, levers_of(levers), shapes.split(",") if shapes else default_shapes
+
+
+def release_gpu_memory() -> None:
+    """Give the memory of dropped models back, so the next model's peak is its own."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -183,10 +183,11 @@ def expand_double_quant(model) -> int:
 
 def apply_speed_levers(model, train: TrainConfig):
     """The recipe's switches that change how fast a step runs, never what it computes: layers kept out
-    of checkpointing, the fused LoRA update, compiled layers (last: it compiles what the others set up)."""
+    of checkpointing, expanded double quant, the fused LoRA update, compiled layers (last: it compiles what
+    the others set up). The recipe's validation allows keep_activations only with gradient checkpointing."""
     from engine.fused_lora import fuse_lora_updates
 
-    if train.keep_activations and train.gradient_checkpointing:
+    if train.keep_activations:
         keep_activations(model, train.keep_activations)
     if train.expand_double_quant:
         expand_double_quant(model)
