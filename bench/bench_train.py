@@ -118,13 +118,18 @@ def run_hf(model, data: list[list[Encoded]]) -> dict:
 
 def levers_of(variant: str) -> TrainConfig:
     """'eager', or levers joined by '+': compile, fused_lora, absmax (train.expand_double_quant), keepN
-    (train.keep_activations=N)."""
+    (train.keep_activations=N), outside (train.recompute_in_graph=false: transformers' checkpoint),
+    savemm (train.save_matmuls)."""
     train = TrainConfig()
     for lever in set(variant.split("+")) - {"eager"}:
         if lever in ("compile", "fused_lora"):
             setattr(train, lever, True)
         elif lever == "absmax":
             train.expand_double_quant = True
+        elif lever == "outside":
+            train.recompute_in_graph = False
+        elif lever == "savemm":
+            train.save_matmuls = True
         elif lever.startswith("keep") and lever[4:].isdigit():
             train.keep_activations = int(lever[4:])
         else:
@@ -267,7 +272,9 @@ def parse_variant(spec: str, default_shapes: list[str]) -> tuple[str, TrainConfi
 
 
 def release_gpu_memory() -> None:
-    """Give the memory of dropped models back, so the next model's peak is its own."""
+    """Give the memory of dropped models back, so the next model's peak is its own, and drop their
+    compiled graphs (the next variant may compile with other options)."""
+    torch._dynamo.reset()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One device call: stage "final-train" (HF Trainer vs our loop: compiled layers, expanded double quant,
-# the last layers kept out of checkpointing),
+# One device call: stage "final-train" (HF Trainer vs our loop: compiled layers recomputed inside their
+# graphs, expanded double quant, the last layers kept out of checkpointing),
 # "final-eval" (in-loop eval and infer.py beside HF generate), "loop" (train.py baseline 30 steps), ... Needs .whl (../shared/tools/gpu-carry.sh) and .carry
 # (A.X tokenizer files + FSKU dev CSV) carried along. Results land in $OUT.
 set -uo pipefail
@@ -40,8 +40,12 @@ elif [ "$stage" = explore-levers ]; then
     > "$OUT/eval.log" 2>&1
   timeout 420 python3 -m bench.bench_train $M "$OUT/train.json" --skip-hf --shapes 8x1024 --ours compile+keep4 \
     --ours compile+absmax+keep4 > "$OUT/train.log" 2>&1
+elif [ "$stage" = explore-ingraph ]; then
+  timeout 560 python3 -m bench.bench_train $M "$OUT/train.json" --skip-hf --ours compile+absmax+keep4+outside:8x1024 \
+    --ours compile+absmax+keep4:4x512,8x1024 --ours compile+absmax+keep2:8x2048 --ours compile+absmax+keep6:8x1024 \
+    > "$OUT/train.log" 2>&1
 elif [ "$stage" = final-train ]; then
-  timeout 560 python3 -m bench.bench_train $M "$OUT/train.json" --hf-shapes 4x512,8x1024,8x2048,mix8,mix16 \
+  timeout 580 python3 -m bench.bench_train $M "$OUT/train.json" --hf-shapes 4x512,8x1024,8x2048,mix8,mix16 \
     --ours compile+absmax+keep4:4x512,8x1024,mix8,mix16,gmix128 --ours compile+absmax+keep2:8x2048 \
     > "$OUT/train.log" 2>&1
 elif [ "$stage" = final-eval ]; then

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.utils.checkpoint
 
 from engine.config import LoraConfig, ModelConfig, TrainConfig
 from engine.errors import UserError
@@ -160,7 +161,8 @@ def keep_activations(model, n: int) -> None:
     if GradientCheckpointingLayer is None or not isinstance(layers[0], GradientCheckpointingLayer):
         raise UserError("train.keep_activations needs per-layer gradient checkpointing (transformers >= 4.52)")
     for i, layer in enumerate(layers):
-        layer.gradient_checkpointing = i < len(layers) - n
+        flag = "recompute" if isinstance(layer, RecomputeInGraph) else "gradient_checkpointing"
+        setattr(layer, flag, i < len(layers) - n)
 
 
 def expand_double_quant(model) -> int:
@@ -194,18 +196,92 @@ def apply_speed_levers(model, train: TrainConfig):
     if train.fused_lora:
         fuse_lora_updates(model)
     if train.compile:
-        compile_layers(model)
+        compile_layers(model, in_graph=train.recompute_in_graph, save_matmuls=train.save_matmuls)
     return model
 
 
-def compile_layers(model, backend: str = "inductor") -> None:
+class RecomputeInGraph:
+    """Mixed into a decoder layer's class by `compile_layers`: the layer checkpoints its own forward (when
+    `recompute`, training and grad are on), so the checkpoint lies inside the compiled graph. There the
+    partitioner recomputes, inside the compiled backward, only what backward reads: never the output of the
+    down and output projections' base matmuls (~35% of a layer's forward FLOPs), which transformers'
+    checkpoint around the whole call runs again."""
+
+    recompute = False
+
+    def forward(self, *args, **kwargs):
+        forward = super().forward
+        if self.recompute and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+
+
+_recomputing_classes: dict[type, type] = {}
+
+
+def recompute_in_graph(layer) -> None:
+    """Move `layer`'s gradient checkpointing from transformers into the layer's own forward (see
+    RecomputeInGraph). One shared class per layer class, so regional compilation still traces one graph."""
+    cls = type(layer)
+    if issubclass(cls, RecomputeInGraph):
+        return
+    if cls not in _recomputing_classes:
+        _recomputing_classes[cls] = type(f"RecomputeInGraph{cls.__name__}", (RecomputeInGraph, cls), {})
+    checkpointed = bool(getattr(layer, "gradient_checkpointing", False))
+    layer.__class__ = _recomputing_classes[cls]
+    layer.gradient_checkpointing, layer.recompute = False, checkpointed
+
+
+class CheckpointedMatmulTags:
+    """Inductor joint-graph pass (a CustomGraphPass) that decides what a checkpointed layer does with its
+    4-bit matmuls' outputs: recompute them in backward (`save=False`) or keep them (`save=True`: q, k, v,
+    gate and up outputs, ~0.7 GB a layer at 8 x 1024 for A.X 4.0 Light, which spares most of the
+    recompute). Needed because bitsandbytes' matmul comes out of its autograd.Function without the
+    checkpoint's tag on PyTorch 2.11, and the partitioner then saves it: +17 GiB at 8 x 1024."""
+
+    def __init__(self, save: bool):
+        self.save = save
+
+    def __call__(self, graph) -> None:
+        from torch.utils.checkpoint import CheckpointPolicy
+
+        policy = CheckpointPolicy.MUST_SAVE if self.save else CheckpointPolicy.PREFER_RECOMPUTE
+        for node in graph.nodes:
+            if node.op != "call_function" or not str(node.target).startswith("bitsandbytes.gemm_4bit"):
+                continue
+            region = next((a.meta["ac_graph_id"] for a in node.all_input_nodes if "ac_graph_id" in a.meta), None)
+            if region is not None:  # inside a checkpoint
+                node.meta["ac_graph_id"], node.meta["recompute"] = region, policy
+
+    def uuid(self) -> str:  # the key of inductor's graph cache
+        return f"fsku-checkpointed-matmul-tags-save={self.save}"
+
+    def __eq__(self, other) -> bool:  # torch.compile compares backends' options to share graphs
+        return isinstance(other, CheckpointedMatmulTags) and other.save == self.save
+
+    def __hash__(self) -> int:
+        return hash(self.uuid())
+
+
+def compile_layers(model, backend="inductor", in_graph: bool = True, save_matmuls: bool = False) -> None:
     """torch.compile each decoder layer (regional compilation: one graph shared by identical layers, with
     dynamic shapes so varying sequence lengths do not recompile). It removes most of the host overhead
-    of the 4-bit + LoRA layers; the first step pays the compile time (~1.5 min for A.X 4.0 Light)."""
+    of the 4-bit + LoRA layers; the first step pays the compile time (~1.5 min for A.X 4.0 Light).
+    `in_graph` (train.recompute_in_graph) puts each checkpointed layer's recompute inside its compiled
+    graph; `save_matmuls` (train.save_matmuls) keeps the 4-bit matmul outputs there (CheckpointedMatmulTags)."""
     from decode.forward import causal_lm
 
+    options = {}
+    if in_graph and backend == "inductor":
+        # With the checkpoint in the graph, inductor's own random kernels leave seed nodes that PyTorch
+        # 2.11's partitioner cannot place ("Node ... was invalid, but is output", A.X shape, CUDA);
+        # PyTorch's random kernels avoid that, draw what eager draws, and cost no measurable time.
+        options = {"options": {"fallback_random": True,
+                               "joint_custom_pre_pass": CheckpointedMatmulTags(save_matmuls)}}
     for layer in causal_lm(model).get_decoder().layers:
-        layer.compile(dynamic=True, backend=backend)
+        if in_graph:
+            recompute_in_graph(layer)
+        layer.compile(dynamic=True, backend=backend, **options)
 
 
 def is_4bit(param) -> bool:

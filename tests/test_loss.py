@@ -99,9 +99,11 @@ def loss_and_grads(model, batch):
 
 
 @pytest.mark.parametrize("lever", ["gradient_checkpointing", "compile", "fused_lora", "fused_lora+dropout",
-                                   "keep_activations+dropout"])
+                                   "keep_activations+dropout", "compile+gradient_checkpointing+dropout",
+                                   "compile+keep_activations+dropout"])
 def test_speed_levers_keep_the_same_loss(setup, tiny_model, lever):
     """Each switch of train.* that buys speed computes the same loss and gradient (fp32, 1e-4)."""
+    import torch._inductor.config
     from engine.fused_lora import addmm_forward, fuse_lora_updates, lora_linears
     from engine.model import compile_layers, keep_activations
     _, enc, pad = setup
@@ -110,16 +112,18 @@ def test_speed_levers_keep_the_same_loss(setup, tiny_model, lever):
     plain_model = fresh_model(tiny_model, False, dropout)
     torch.manual_seed(5)
     plain = loss_and_grads(plain_model, batch)
-    model = fresh_model(tiny_model, lever.split("+")[0] in ("gradient_checkpointing", "keep_activations"), dropout)
-    if lever == "compile":
-        compile_layers(model)
+    levers = lever.split("+")
+    model = fresh_model(tiny_model, bool({"gradient_checkpointing", "keep_activations"} & set(levers)), dropout)
+    if "keep_activations" in levers:
+        keep_activations(model, 1)  # layer 0 recomputed (dropout redrawn as it was), layer 1 kept
+    if "compile" in levers:
+        compile_layers(model)  # checkpointed layers recompute inside their compiled graph
     if lever.startswith("fused_lora"):
         fuse_lora_updates(model)
         assert sum(m.forward.__func__ is addmm_forward for m in lora_linears(model)) == 2 * 7  # 2 layers x 7
-    if lever.startswith("keep_activations"):
-        keep_activations(model, 1)  # layer 0 recomputed (dropout redrawn as it was), layer 1 kept
-    torch.manual_seed(5)  # the same dropout draws
-    fast = loss_and_grads(model, batch)
+    torch.manual_seed(5)  # the same dropout draws (compiled: through PyTorch's own random kernels)
+    with torch._inductor.config.patch(fallback_random=True):
+        fast = loss_and_grads(model, batch)
     assert abs(plain[0] - fast[0]) < 1e-4
     for name, g in plain[1].items():
         assert torch.allclose(g, fast[1][name], atol=1e-4), name
@@ -149,6 +153,97 @@ def test_keep_activations_skips_the_recompute_of_the_last_layers(setup, tiny_mod
     assert mlp_forward_counts(model, batch) == [2, 1]
     keep_activations(model, 2)
     assert mlp_forward_counts(model, batch) == [1, 1]
+
+
+def matmuls_reading(graph, weight_shape) -> list[int]:
+    """For each placeholder of an aten graph shaped `weight_shape`: how many matmuls read it, through views."""
+    views = {"t", "view", "transpose", "permute", "_unsafe_view", "expand"}
+    counts = []
+    for weight in [n for n in graph.nodes if n.op == "placeholder"
+                   and tuple(getattr(n.meta.get("val"), "shape", ())) == weight_shape]:
+        count, frontier = 0, list(weight.users)
+        while frontier:
+            node = frontier.pop()
+            name = getattr(node.target, "__name__", "").split(".")[0]
+            if name in views:
+                frontier.extend(node.users)
+            elif name in ("mm", "addmm", "bmm"):
+                count += 1
+        counts.append(count)
+    return counts
+
+
+def test_compiled_recompute_skips_the_down_projection(setup, tiny_model):
+    """train.recompute_in_graph: a checkpointed layer is recomputed inside its compiled backward, which
+    runs again only what backward reads: the gate and up projections (their base weights feed a recompute
+    and an input-gradient matmul there), not the down projection (its input gradient alone)."""
+    from torch._dynamo.backends.common import aot_autograd
+    from engine.model import compile_layers, keep_activations
+    _, enc, pad = setup
+    graphs = {}
+
+    def keep(kind):
+        def compiler(gm, _):
+            graphs.setdefault(kind, gm.graph)
+            return gm
+        return compiler
+
+    model = fresh_model(tiny_model, True, 0.1)
+    compile_layers(model, backend=aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward")))
+    keep_activations(model, 0)  # after compiling: the layers' own switch, not transformers'
+    loss_and_grads(model, collate(enc[:2], pad))
+    mlp = model.base_model.model.model.layers[0].mlp
+    gate, down = (tuple(p.base_layer.weight.shape) for p in (mlp.gate_proj, mlp.down_proj))
+    assert matmuls_reading(graphs["forward"], gate) == [1, 1] and matmuls_reading(graphs["forward"], down) == [1]
+    assert matmuls_reading(graphs["backward"], gate) == [2, 2]  # gate and up: recompute + input gradient
+    assert matmuls_reading(graphs["backward"], down) == [1]
+
+
+@pytest.mark.parametrize("save", [False, True])
+def test_checkpointed_4bit_matmuls_are_recomputed_or_saved_as_asked(save):
+    """CheckpointedMatmulTags, the joint-graph pass of train.recompute_in_graph: a bitsandbytes 4-bit
+    matmul inside a checkpoint that lacks the checkpoint's tag (as on PyTorch 2.11) is recomputed in
+    backward, or kept for it with train.save_matmuls; the gradient is the same either way."""
+    import bitsandbytes.functional as bnbf
+    from bitsandbytes import matmul_4bit
+    from torch._dynamo.backends.common import aot_autograd
+    from functorch.compile import min_cut_rematerialization_partition
+    from engine.model import CheckpointedMatmulTags
+
+    torch.manual_seed(0)
+    weights = [bnbf.quantize_4bit(torch.randn(n, k), quant_type="nf4") for n, k in ((96, 64), (64, 96))]
+    lora = torch.nn.Parameter(torch.randn(4, 64) * 0.1)
+
+    def body(x):
+        (w1, s1), (w2, s2) = weights
+        h = matmul_4bit(x, w1.t(), quant_state=s1) + (x @ lora.t()).sum(-1, keepdim=True)
+        return matmul_4bit(torch.nn.functional.silu(h), w2.t(), quant_state=s2) + x
+
+    graphs = {}
+
+    def partition(joint, *args, **kwargs):
+        for node in joint.graph.nodes:  # as PyTorch 2.11 leaves them
+            if str(node.target).startswith("bitsandbytes.gemm_4bit"):
+                node.meta.pop("recompute", None)
+        CheckpointedMatmulTags(save)(joint.graph)
+        return min_cut_rematerialization_partition(joint, *args, **kwargs)
+
+    def keep(kind):
+        def compiler(gm, _):
+            graphs[kind] = gm.graph
+            return gm
+        return compiler
+
+    backend = aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward"), partition_fn=partition)
+    step = torch.compile(lambda x: torch.utils.checkpoint.checkpoint(body, x, use_reentrant=False), backend=backend)
+    x = torch.randn(8, 64)
+    step(x).square().sum().backward()
+    compiled_grad, lora.grad = lora.grad, None
+    body(x).square().sum().backward()
+    assert torch.allclose(compiled_grad, lora.grad, atol=1e-5)
+    gemms = [n for n in graphs["backward"].nodes if str(n.target).startswith("bitsandbytes.gemm_4bit")]
+    assert len(gemms) == (0 if save else 1)  # the first matmul's output feeds silu's backward
+    assert CheckpointedMatmulTags(save) == CheckpointedMatmulTags(save) != CheckpointedMatmulTags(not save)
 
 
 def test_keep_activations_beyond_the_layer_count_is_a_user_error(tiny_model):
