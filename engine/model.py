@@ -233,11 +233,13 @@ def recompute_in_graph(layer) -> None:
 
 
 class CheckpointedMatmulTags:
-    """Inductor joint-graph pass (a CustomGraphPass) that decides what a checkpointed layer does with its
-    4-bit matmuls' outputs: recompute them in backward (`save=False`) or keep them (`save=True`: q, k, v,
-    gate and up outputs, ~0.7 GB a layer at 8 x 1024 for A.X 4.0 Light, which spares most of the
-    recompute). Needed because bitsandbytes' matmul comes out of its autograd.Function without the
-    checkpoint's tag on PyTorch 2.11, and the partitioner then saves it: +17 GiB at 8 x 1024."""
+    """Inductor joint-graph pass that decides what a checkpointed layer does with its 4-bit matmuls'
+    outputs: recompute them in backward (`save=False`) or keep them (`save=True`: q, k, v, gate and up
+    outputs, ~0.7 GB a layer at 8 x 1024 for A.X 4.0 Light, which spares most of the recompute). Needed
+    because bitsandbytes' matmul comes out of its autograd.Function without the checkpoint's tag on
+    PyTorch 2.11, and the partitioner then saves it: +17 GiB at 8 x 1024. Shaped as inductor's
+    CustomGraphPass (a call on the graph, a uuid), not derived from it: infer.py imports this module on
+    PyTorch 2.1, which has no such class."""
 
     def __init__(self, save: bool):
         self.save = save
