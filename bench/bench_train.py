@@ -219,8 +219,8 @@ def main() -> None:
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--ours", action="append", metavar="LEVERS[:SHAPES]",
                    help="a variant of our loop: 'eager' or levers joined by '+' (compile, fused_lora, absmax, "
-                        "keepN), optionally with its own shapes; repeat for several; for each shape the "
-                        "last variant that ran it fills the ours_* keys (default: eager)")
+                        "keepN, outside, savemm), optionally with its own shapes; repeat for several; for each "
+                        "shape the last variant that ran it fills the ours_* keys (default: eager)")
     p.add_argument("--profile", metavar="SHAPE", help="after timing, profile two steps of the last variant at SHAPE")
     p.add_argument("--from-config", metavar="DIR", help="first build the random model at MODEL_DIR from DIR's "
                                                          "config.json and tokenizer (skipped when it exists)")

@@ -273,17 +273,16 @@ def compile_layers(model, backend="inductor", in_graph: bool = True, save_matmul
     graph; `save_matmuls` (train.save_matmuls) keeps the 4-bit matmul outputs there (CheckpointedMatmulTags)."""
     from decode.forward import causal_lm
 
-    options = {}
+    options = None
     if in_graph and backend == "inductor":
         # With the checkpoint in the graph, inductor's own random kernels leave seed nodes that PyTorch
         # 2.11's partitioner cannot place ("Node ... was invalid, but is output", A.X shape, CUDA);
         # PyTorch's random kernels avoid that, draw what eager draws, and cost no measurable time.
-        options = {"options": {"fallback_random": True,
-                               "joint_custom_pre_pass": CheckpointedMatmulTags(save_matmuls)}}
+        options = {"fallback_random": True, "joint_custom_pre_pass": CheckpointedMatmulTags(save_matmuls)}
     for layer in causal_lm(model).get_decoder().layers:
         if in_graph:
             recompute_in_graph(layer)
-        layer.compile(dynamic=True, backend=backend, **options)
+        layer.compile(dynamic=True, backend=backend, options=options)
 
 
 def is_4bit(param) -> bool:
