@@ -157,7 +157,7 @@ def main() -> int:
     from decode.subjective import answer_subjective
     from engine.data import encode_prompt
     from engine.loss import autocast
-    from engine.fused_lora import fuse_lora_updates
+    from engine.fused_lora import set_lora_forward
     from engine.model import load_adapter, load_base_model, load_tokenizer, merged_for_inference
 
     partial = args.out.with_name(args.out.name + ".partial.jsonl")
@@ -174,7 +174,7 @@ def main() -> int:
     model = load_base_model(recipe.model)
     if adapter is not None:
         model = load_adapter(model, adapter)
-    model = fuse_lora_updates(model) if args.no_merge else merged_for_inference(model)
+    model = set_lora_forward(model, fused_update=True) if args.no_merge else merged_for_inference(model)
     model.eval()
     device = next(model.parameters()).device
     load_s = time.perf_counter() - t_load

@@ -28,7 +28,7 @@ from bench.common import (StepTimer, card, fsku_length_mix, make_random_model, p
 from engine.config import LoraConfig, ModelConfig, TrainConfig
 from engine.data import Encoded
 from engine.loss import collate, forward_backward
-from engine.model import keep_activations
+from engine.model import compile_layers, keep_activations
 
 WARMUP = 3
 VOCAB_LOW = 1000  # random ids above the special tokens
@@ -119,17 +119,19 @@ def run_hf(model, data: list[list[Encoded]]) -> dict:
 def levers_of(variant: str) -> TrainConfig:
     """'eager', or levers joined by '+': compile, fused_lora, absmax (train.expand_double_quant), keepN
     (train.keep_activations=N), outside (train.recompute_in_graph=false: transformers' checkpoint),
-    savemm (train.save_matmuls)."""
+    savemmN (train.save_matmuls=N), dropk (train.dropout_kernel)."""
     train = TrainConfig()
     for lever in set(variant.split("+")) - {"eager"}:
         if lever in ("compile", "fused_lora"):
             setattr(train, lever, True)
         elif lever == "absmax":
             train.expand_double_quant = True
+        elif lever == "dropk":
+            train.dropout_kernel = True
         elif lever == "outside":
             train.recompute_in_graph = False
-        elif lever == "savemm":
-            train.save_matmuls = True
+        elif lever.startswith("savemm") and lever[6:].isdigit():
+            train.save_matmuls = int(lever[6:])
         elif lever.startswith("keep") and lever[4:].isdigit():
             train.keep_activations = int(lever[4:])
         else:
@@ -219,7 +221,7 @@ def main() -> None:
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--ours", action="append", metavar="LEVERS[:SHAPES]",
                    help="a variant of our loop: 'eager' or levers joined by '+' (compile, fused_lora, absmax, "
-                        "keepN, outside, savemm), optionally with its own shapes; repeat for several; for each "
+                        "keepN, outside, savemmN, dropk), optionally with its own shapes; repeat for several; for each "
                         "shape the last variant that ran it fills the ours_* keys (default: eager)")
     p.add_argument("--profile", metavar="SHAPE", help="after timing, profile two steps of the last variant at SHAPE")
     p.add_argument("--from-config", metavar="DIR", help="first build the random model at MODEL_DIR from DIR's "
@@ -239,12 +241,16 @@ def main() -> None:
     ours: dict[str, dict] = {}
     for n, (variant, train, v_shapes) in enumerate(variants):
         print("ours:", variant, v_shapes, flush=True)
-        if model is not None and replace(train, keep_activations=0) == model_levers:
-            keep_activations(model, train.keep_activations)  # same model: only where checkpointing stops
+        if model is not None and replace(train, keep_activations=0, save_matmuls=0) == model_levers:
+            # same model: only where checkpointing stops and which layers keep their matmul outputs (layers
+            # compiled again with options seen before reuse those graphs)
+            keep_activations(model, train.keep_activations)
+            if train.compile:
+                compile_layers(model, in_graph=train.recompute_in_graph, save_matmuls=train.save_matmuls)
         else:
             model = None
             release_gpu_memory()
-            model, model_levers = our_model(a.model_dir, train), replace(train, keep_activations=0)
+            model, model_levers = our_model(a.model_dir, train), replace(train, keep_activations=0, save_matmuls=0)
             if train.compile:  # compile once, outside the timed steps
                 run_ours(model, data[v_shapes[0]][:2] * 2)
         timed = time_shapes(model, run_ours, {s: data[s] for s in v_shapes})

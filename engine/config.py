@@ -96,12 +96,17 @@ class TrainConfig:
     recompute_in_graph: bool = True
     """With compile and gradient checkpointing, each checkpointed layer is recomputed inside its compiled
     backward, which skips the matmuls whose outputs backward never reads (down and output projections)."""
-    save_matmuls: bool = False
-    """With recompute_in_graph, checkpointed layers keep their 4-bit matmuls' outputs (q, k, v, gate, up)
-    for backward instead of recomputing them: most of the recompute spared for ~0.7 GB a layer at 8 x 1024
-    tokens (A.X 4.0 Light), against 1.7 GB for a layer kept whole (keep_activations). For large cards."""
+    save_matmuls: int = 0
+    """With recompute_in_graph, the first N decoder layers, where checkpointed, keep their 4-bit matmuls'
+    outputs (q, k, v, gate, up) for backward instead of recomputing them: most of a layer's recompute spared
+    for ~0.7 GB at 8 x 1024 tokens (A.X 4.0 Light), against 1.7 GB for a layer kept whole
+    (keep_activations). Spend spare memory here before keep_activations."""
     fused_lora: bool = False
     """Add each LoRA update inside its B matmul (addmm) instead of writing it out and adding it."""
+    dropout_kernel: bool = False
+    """LoRA's input dropout inside the A matmul's kernel (Triton, CUDA): the dropped copy of each LoRA input
+    and its mask are never written. The same dropout (keep 1 - p, scale 1 / (1 - p)) with other draws: kept
+    or dropped by a hash of (seed, position) instead of PyTorch's generator."""
     expand_double_quant: bool = False
     """Dequantize the 8-bit block scales of double quant once, at load (fp32; +0.3 GB for A.X 4.0 Light),
     instead of inside every 4-bit matmul: 3 x 196 small kernels a step fewer, the same 4-bit weights bit for
@@ -197,7 +202,7 @@ NON_NEGATIVE = {"train.lr", "train.max_steps", "train.warmup_ratio", "train.weig
                 "train.skip_nonfinite", "train.sampler.subj_weight", "train.min_lr_ratio",
                 "eval.every_steps", "eval.patience", "decode.temperature", "decode.no_repeat_ngram_size",
                 "lora.dropout", "checkpoint.every_steps", "train.label_smoothing",
-                "train.sampler.phases.subj_weight", "train.ce_chunk", "train.keep_activations",
+                "train.sampler.phases.subj_weight", "train.ce_chunk", "train.keep_activations", "train.save_matmuls",
                 "data.max_mc", "data.max_subj"}
 UNIT_INTERVAL = {"train.warmup_ratio", "train.expect_loss_drop", "lora.dropout", "data.eval_share", "eval.mc_weight",
                  "eval.cos_weight", "train.min_lr_ratio"}

@@ -1,4 +1,4 @@
-"""Two other ways to compute a peft LoRA linear, each the same function as peft's.
+"""Other ways to compute a peft LoRA linear, each the same function as peft's.
 
 Training (`train.fused_lora`): the update added inside its second matmul. peft computes a LoRA linear as
 `base(x).clone() + B(A(dropout(x))) * scale`: the update `B(...)` is written out at the full output width,
@@ -6,6 +6,9 @@ then read back with the base output to write their sum. `addmm` adds the rank-r 
 base output (one read, one write of the output), and the clone goes. On the gate and up projections
 (18,944 wide) that is most of the memory traffic LoRA adds to a layer. Same function, same dropout draws in
 the same order; only where the sum is formed differs.
+
+Training (`train.dropout_kernel`): `A(dropout(x))` through `engine.dropout_kernel`'s fused op, which never
+writes the dropped copy of x (the same dropout, drawn from a hash instead of PyTorch's generator).
 
 Eval (`eval.merge_lora`): the update merged into the dequantized weight for each call, one matmul a layer.
 """
@@ -18,25 +21,46 @@ import types
 import torch
 
 
-def addmm_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+def low_rank_input(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
+    """`lora_A(dropout(x))`, through the fused dropout op where this layer was given train.dropout_kernel
+    and dropout is on."""
+    dropout = self.lora_dropout[adapter]
+    if (getattr(self, "dropout_kernel", False) and isinstance(dropout, torch.nn.Dropout) and dropout.training
+            and dropout.p > 0):
+        from engine.dropout_kernel import lora_a_with_dropout
+        return lora_a_with_dropout(x, self.lora_A[adapter].weight, dropout.p)
+    return self.lora_A[adapter](dropout(x))
+
+
+def training_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """peft's LoRA linear with this layer's training levers (`set_lora_forward`)."""
     result = self.base_layer(x, *args, **kwargs)
     if self.disable_adapters or self.merged:
         return result
     for adapter in self.active_adapters:
         if adapter not in self.lora_A:
             continue
-        low = self.lora_A[adapter](self.lora_dropout[adapter](x))
+        low = low_rank_input(self, adapter, x)
         update_weight = self.lora_B[adapter].weight
-        flat = torch.addmm(result.reshape(-1, result.shape[-1]), low.reshape(-1, low.shape[-1]).to(result.dtype),
-                           update_weight.t().to(result.dtype), alpha=self.scaling[adapter])
-        result = flat.view(result.shape)
+        if self.fused_update:
+            flat = torch.addmm(result.reshape(-1, result.shape[-1]), low.reshape(-1, low.shape[-1]).to(result.dtype),
+                               update_weight.t().to(result.dtype), alpha=self.scaling[adapter])
+            result = flat.view(result.shape)
+        else:
+            result = result + (self.lora_B[adapter](low) * self.scaling[adapter]).to(result.dtype)
     return result
 
 
-def fuse_lora_updates(model):
-    """Switch every LoRA linear of `model` (peft) to the addmm forward, in place; returns `model`."""
+def set_lora_forward(model, fused_update: bool = False, dropout_kernel: bool = False):
+    """Give every LoRA linear of `model` (peft) the training levers asked for (train.fused_lora,
+    train.dropout_kernel) through `training_forward`, or peft's own forward back when neither; in place,
+    returns `model`."""
     for module in lora_linears(model):
-        module.forward = types.MethodType(addmm_forward, module)
+        module.fused_update, module.dropout_kernel = fused_update, dropout_kernel
+        if fused_update or dropout_kernel:
+            module.forward = types.MethodType(training_forward, module)
+        else:
+            module.__dict__.pop("forward", None)
     return model
 
 
@@ -82,7 +106,7 @@ def lora_merged_on_the_fly(model):
     runs the base matmul, two LoRA matmuls, a scale and an add, each a module call or op of its own: eval
     forwards and generation steps are host-bound, so the op count is their time. The same function up to
     the bf16 rounding of the merged weight (what infer.py's merged model computes). On exit each layer's
-    forward is what it was (peft's, or `train.fused_lora`'s).
+    forward is what it was (peft's, or `training_forward`).
     """
     from decode.forward import causal_lm
 

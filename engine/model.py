@@ -185,16 +185,16 @@ def expand_double_quant(model) -> int:
 
 def apply_speed_levers(model, train: TrainConfig):
     """The recipe's switches that change how fast a step runs, never what it computes: layers kept out
-    of checkpointing, expanded double quant, the fused LoRA update, compiled layers (last: it compiles what
-    the others set up). The recipe's validation allows keep_activations only with gradient checkpointing."""
-    from engine.fused_lora import fuse_lora_updates
+    of checkpointing, expanded double quant, the fused LoRA update and dropout, compiled layers (last: it
+    compiles what the others set up). The recipe's validation allows keep_activations only with gradient checkpointing."""
+    from engine.fused_lora import set_lora_forward
 
     if train.keep_activations:
         keep_activations(model, train.keep_activations)
     if train.expand_double_quant:
         expand_double_quant(model)
-    if train.fused_lora:
-        fuse_lora_updates(model)
+    if train.fused_lora or train.dropout_kernel:
+        set_lora_forward(model, fused_update=train.fused_lora, dropout_kernel=train.dropout_kernel)
     if train.compile:
         compile_layers(model, in_graph=train.recompute_in_graph, save_matmuls=train.save_matmuls)
     return model
@@ -237,9 +237,10 @@ class CheckpointedMatmulTags:
     outputs: recompute them in backward (`save=False`) or keep them (`save=True`: q, k, v, gate and up
     outputs, ~0.7 GB a layer at 8 x 1024 for A.X 4.0 Light, which spares most of the recompute). Needed
     because bitsandbytes' matmul comes out of its autograd.Function without the checkpoint's tag on
-    PyTorch 2.11, and the partitioner then saves it: +17 GiB at 8 x 1024. Shaped as inductor's
-    CustomGraphPass (a call on the graph, a uuid), not derived from it: infer.py imports this module on
-    PyTorch 2.1, which has no such class."""
+    PyTorch 2.11, and the partitioner then saves it: +17 GiB at 8 x 1024. The fused LoRA-dropout op's
+    output (train.dropout_kernel) is always kept: r values a token, where its recompute reads the whole
+    input again. Shaped as inductor's CustomGraphPass (a call on the graph, a uuid), not derived from it:
+    infer.py imports this module on PyTorch 2.1, which has no such class."""
 
     def __init__(self, save: bool):
         self.save = save
@@ -247,16 +248,22 @@ class CheckpointedMatmulTags:
     def __call__(self, graph) -> None:
         from torch.utils.checkpoint import CheckpointPolicy
 
-        policy = CheckpointPolicy.MUST_SAVE if self.save else CheckpointPolicy.PREFER_RECOMPUTE
+        matmul_policy = CheckpointPolicy.MUST_SAVE if self.save else CheckpointPolicy.PREFER_RECOMPUTE
         for node in graph.nodes:
-            if node.op != "call_function" or not str(node.target).startswith("bitsandbytes.gemm_4bit"):
+            target = str(node.target) if node.op == "call_function" else ""
+            if target.startswith("bitsandbytes.gemm_4bit"):
+                policy = matmul_policy
+            elif target.startswith("fsku.lora_a_dropout."):
+                policy = CheckpointPolicy.MUST_SAVE
+            else:
                 continue
-            region = next((a.meta["ac_graph_id"] for a in node.all_input_nodes if "ac_graph_id" in a.meta), None)
+            region = next((a.meta["ac_graph_id"] for a in [node, *node.all_input_nodes] if "ac_graph_id" in a.meta),
+                          None)
             if region is not None:  # inside a checkpoint
                 node.meta["ac_graph_id"], node.meta["recompute"] = region, policy
 
     def uuid(self) -> str:  # the key of inductor's graph cache
-        return f"fsku-checkpointed-matmul-tags-save={self.save}"
+        return f"fsku-checkpointed-matmul-tags-v2-save={self.save}"
 
     def __eq__(self, other) -> bool:  # torch.compile compares backends' options to share graphs
         return isinstance(other, CheckpointedMatmulTags) and other.save == self.save
@@ -265,21 +272,26 @@ class CheckpointedMatmulTags:
         return hash(self.uuid())
 
 
-def compile_layers(model, backend="inductor", in_graph: bool = True, save_matmuls: bool = False) -> None:
+def compile_layers(model, backend="inductor", in_graph: bool = True, save_matmuls: int = 0) -> None:
     """torch.compile each decoder layer (regional compilation: one graph shared by identical layers, with
     dynamic shapes so varying sequence lengths do not recompile). It removes most of the host overhead
     of the 4-bit + LoRA layers; the first step pays the compile time (~1.5 min for A.X 4.0 Light).
     `in_graph` (train.recompute_in_graph) puts each checkpointed layer's recompute inside its compiled
-    graph; `save_matmuls` (train.save_matmuls) keeps the 4-bit matmul outputs there (CheckpointedMatmulTags)."""
+    graph; there the first `save_matmuls` layers (train.save_matmuls) keep their 4-bit matmul outputs
+    (CheckpointedMatmulTags). Layers compiled with other inductor options get graphs of their own, so
+    saving and recomputing layers cost one more compile, not one a layer."""
     from decode.forward import causal_lm
 
-    options = None
-    if in_graph and backend == "inductor":
-        # With the checkpoint in the graph, inductor's own random kernels leave seed nodes that PyTorch
-        # 2.11's partitioner cannot place ("Node ... was invalid, but is output", A.X shape, CUDA);
-        # PyTorch's random kernels avoid that, draw what eager draws, and cost no measurable time.
-        options = {"fallback_random": True, "joint_custom_pre_pass": CheckpointedMatmulTags(save_matmuls)}
-    for layer in causal_lm(model).get_decoder().layers:
+    layers = causal_lm(model).get_decoder().layers
+    if save_matmuls > len(layers):
+        raise UserError(f"train.save_matmuls: {save_matmuls} is more than the model's {len(layers)} layers")
+    for i, layer in enumerate(layers):
+        options = None
+        if in_graph and backend == "inductor":
+            # With the checkpoint in the graph, inductor's own random kernels leave seed nodes that PyTorch
+            # 2.11's partitioner cannot place ("Node ... was invalid, but is output", A.X shape, CUDA);
+            # PyTorch's random kernels avoid that, draw what eager draws, and cost no measurable time.
+            options = {"fallback_random": True, "joint_custom_pre_pass": CheckpointedMatmulTags(i < save_matmuls)}
         if in_graph:
             recompute_in_graph(layer)
         layer.compile(dynamic=True, backend=backend, options=options)

@@ -70,10 +70,12 @@ def test_extends_merges_parent_first_and_overrides_last(tmp_path):
     (BASE, ["train.keep_activations=2", "train.gradient_checkpointing=false"],
      "train.keep_activations only means something with train.gradient_checkpointing: true"),
     (BASE, ["train.keep_activations=-1"], "train.keep_activations must not be negative"),
-    (BASE, ["train.save_matmuls=true"], "train.save_matmuls needs train.compile, train.recompute_in_graph and "
-                                        "train.gradient_checkpointing: true"),
-    (BASE, ["train.save_matmuls=true", "train.compile=true", "train.recompute_in_graph=false"],
+    (BASE, ["train.save_matmuls=4"], "train.save_matmuls needs train.compile, train.recompute_in_graph and "
+                                     "train.gradient_checkpointing: true"),
+    (BASE, ["train.save_matmuls=4", "train.compile=true", "train.recompute_in_graph=false"],
      "train.save_matmuls needs train.compile"),
+    (BASE, ["train.save_matmuls=true"], "train.save_matmuls must be an integer"),
+    (BASE, ["train.save_matmuls=-1"], "train.save_matmuls must not be negative"),
     ("model:\n  path: m\n", [], "data.train is required"),
     ("- a\n- b\n", [], "a recipe must be a mapping"),
     ("model: [unclosed\n", [], "not valid YAML"),

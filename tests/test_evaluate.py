@@ -91,9 +91,9 @@ def test_eval_runs_compiled_layers_eagerly(tiny_model, tiny_tokenizer):
 
 def test_eval_with_lora_merged_on_the_fly_equals_peft(tiny_model, tiny_tokenizer):
     """eval.merge_lora: the same logits, eval_loss and answers as peft's LoRA layers; on exit every layer's
-    forward is what it was (peft's, or train.fused_lora's addmm)."""
+    forward is what it was (peft's, or the training levers')."""
     from engine.config import LoraConfig
-    from engine.fused_lora import addmm_forward, fuse_lora_updates, lora_linears, lora_merged_on_the_fly
+    from engine.fused_lora import lora_linears, lora_merged_on_the_fly, set_lora_forward, training_forward
     from engine.model import add_lora
 
     torch.manual_seed(0)
@@ -103,7 +103,7 @@ def test_eval_with_lora_merged_on_the_fly_equals_peft(tiny_model, tiny_tokenizer
         if "lora_B" in name:
             p.data.normal_(0, 0.05)
     model.eval()
-    fuse_lora_updates(lora_linears(model)[0])  # one layer with the training lever's forward
+    set_lora_forward(lora_linears(model)[0], fused_update=True)  # one layer with a training lever's forward
     ids = torch.tensor([tiny_tokenizer("1 파일 암호화 2 접근 통제")["input_ids"]])
     with torch.no_grad():
         peft_logits = model(input_ids=ids).logits
@@ -114,7 +114,7 @@ def test_eval_with_lora_merged_on_the_fly_equals_peft(tiny_model, tiny_tokenizer
     with torch.no_grad(), model.disable_adapter():
         assert (peft_logits - model(input_ids=ids).logits).abs().max() > 1e-3  # the adapters count
     forwards = [m.__dict__.get("forward") for m in lora_linears(model)]
-    assert forwards[0].__func__ is addmm_forward and forwards[1:] == [None] * (len(forwards) - 1)
+    assert forwards[0].__func__ is training_forward and forwards[1:] == [None] * (len(forwards) - 1)
 
     recipe = Recipe()
     results = []

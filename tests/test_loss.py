@@ -98,29 +98,49 @@ def loss_and_grads(model, batch):
     return loss, grads(model)
 
 
+class HashedDropout(torch.nn.Module):
+    """Dropout through PyTorch ops with train.dropout_kernel's draws (a seed from PyTorch's generator per
+    call, the kept elements hashed from it): what the kernel must compute."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        from engine.dropout_kernel import dropped, keep_mask, new_seed
+        flat = x.reshape(-1, x.shape[-1])
+        return dropped(flat, keep_mask(new_seed(x.device), *flat.shape, self.p), self.p).view(x.shape)
+
+
 @pytest.mark.parametrize("lever", ["gradient_checkpointing", "compile", "fused_lora", "fused_lora+dropout",
                                    "keep_activations+dropout", "compile+gradient_checkpointing+dropout",
-                                   "compile+keep_activations+dropout"])
+                                   "compile+keep_activations+dropout", "dropout_kernel+dropout",
+                                   "fused_lora+dropout_kernel+dropout",
+                                   "compile+gradient_checkpointing+dropout_kernel+dropout"])
 def test_speed_levers_keep_the_same_loss(setup, tiny_model, lever):
-    """Each switch of train.* that buys speed computes the same loss and gradient (fp32, 1e-4)."""
+    """Each switch of train.* that buys speed computes the same loss and gradient (fp32, 1e-4); with
+    train.dropout_kernel, against PyTorch ops dropping what its hash drops."""
     import torch._inductor.config
-    from engine.fused_lora import addmm_forward, fuse_lora_updates, lora_linears
+    from engine.fused_lora import lora_linears, set_lora_forward, training_forward
     from engine.model import compile_layers, keep_activations
     _, enc, pad = setup
     batch = collate(enc, pad)
     dropout = 0.1 if "dropout" in lever else 0.0
+    levers = lever.split("+")
     plain_model = fresh_model(tiny_model, False, dropout)
+    if "dropout_kernel" in levers:
+        for m in lora_linears(plain_model):
+            m.lora_dropout["default"] = HashedDropout(dropout)
     torch.manual_seed(5)
     plain = loss_and_grads(plain_model, batch)
-    levers = lever.split("+")
     model = fresh_model(tiny_model, bool({"gradient_checkpointing", "keep_activations"} & set(levers)), dropout)
     if "keep_activations" in levers:
         keep_activations(model, 1)  # layer 0 recomputed (dropout redrawn as it was), layer 1 kept
     if "compile" in levers:
         compile_layers(model)  # checkpointed layers recompute inside their compiled graph
-    if lever.startswith("fused_lora"):
-        fuse_lora_updates(model)
-        assert sum(m.forward.__func__ is addmm_forward for m in lora_linears(model)) == 2 * 7  # 2 layers x 7
+    if {"fused_lora", "dropout_kernel"} & set(levers):
+        set_lora_forward(model, fused_update="fused_lora" in levers, dropout_kernel="dropout_kernel" in levers)
+        assert sum(m.forward.__func__ is training_forward for m in lora_linears(model)) == 2 * 7  # 2 layers x 7
     torch.manual_seed(5)  # the same dropout draws (compiled: through PyTorch's own random kernels)
     with torch._inductor.config.patch(fallback_random=True):
         fast = loss_and_grads(model, batch)
@@ -199,32 +219,18 @@ def test_compiled_recompute_skips_the_down_projection(setup, tiny_model):
     assert matmuls_reading(graphs["backward"], down) == [1]
 
 
-@pytest.mark.parametrize("save", [False, True])
-def test_checkpointed_4bit_matmuls_are_recomputed_or_saved_as_asked(save):
-    """CheckpointedMatmulTags, the joint-graph pass of train.recompute_in_graph: a bitsandbytes 4-bit
-    matmul inside a checkpoint that lacks the checkpoint's tag (as on PyTorch 2.11) is recomputed in
-    backward, or kept for it with train.save_matmuls; the gradient is the same either way."""
-    import bitsandbytes.functional as bnbf
-    from bitsandbytes import matmul_4bit
+def compiled_checkpoint(body, save: bool, prepare=lambda graph: None):
+    """`body` checkpointed and compiled through aot_autograd, the joint graph passed through `prepare` and
+    CheckpointedMatmulTags(save) before the partitioner; returns the compiled call and the dict where its
+    forward and backward graphs land."""
     from torch._dynamo.backends.common import aot_autograd
     from functorch.compile import min_cut_rematerialization_partition
     from engine.model import CheckpointedMatmulTags
 
-    torch.manual_seed(0)
-    weights = [bnbf.quantize_4bit(torch.randn(n, k), quant_type="nf4") for n, k in ((96, 64), (64, 96))]
-    lora = torch.nn.Parameter(torch.randn(4, 64) * 0.1)
-
-    def body(x):
-        (w1, s1), (w2, s2) = weights
-        h = matmul_4bit(x, w1.t(), quant_state=s1) + (x @ lora.t()).sum(-1, keepdim=True)
-        return matmul_4bit(torch.nn.functional.silu(h), w2.t(), quant_state=s2) + x
-
     graphs = {}
 
     def partition(joint, *args, **kwargs):
-        for node in joint.graph.nodes:  # as PyTorch 2.11 leaves them
-            if str(node.target).startswith("bitsandbytes.gemm_4bit"):
-                node.meta.pop("recompute", None)
+        prepare(joint.graph)
         CheckpointedMatmulTags(save)(joint.graph)
         return min_cut_rematerialization_partition(joint, *args, **kwargs)
 
@@ -236,6 +242,33 @@ def test_checkpointed_4bit_matmuls_are_recomputed_or_saved_as_asked(save):
 
     backend = aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward"), partition_fn=partition)
     step = torch.compile(lambda x: torch.utils.checkpoint.checkpoint(body, x, use_reentrant=False), backend=backend)
+    return step, graphs
+
+
+@pytest.mark.parametrize("save", [False, True])
+def test_checkpointed_4bit_matmuls_are_recomputed_or_saved_as_asked(save):
+    """CheckpointedMatmulTags, the joint-graph pass of train.recompute_in_graph: a bitsandbytes 4-bit
+    matmul inside a checkpoint that lacks the checkpoint's tag (as on PyTorch 2.11) is recomputed in
+    backward, or kept for it with train.save_matmuls; the gradient is the same either way."""
+    import bitsandbytes.functional as bnbf
+    from bitsandbytes import matmul_4bit
+    from engine.model import CheckpointedMatmulTags
+
+    torch.manual_seed(0)
+    weights = [bnbf.quantize_4bit(torch.randn(n, k), quant_type="nf4") for n, k in ((96, 64), (64, 96))]
+    lora = torch.nn.Parameter(torch.randn(4, 64) * 0.1)
+
+    def body(x):
+        (w1, s1), (w2, s2) = weights
+        h = matmul_4bit(x, w1.t(), quant_state=s1) + (x @ lora.t()).sum(-1, keepdim=True)
+        return matmul_4bit(torch.nn.functional.silu(h), w2.t(), quant_state=s2) + x
+
+    def untag(graph):  # as PyTorch 2.11 leaves them
+        for node in graph.nodes:
+            if str(node.target).startswith("bitsandbytes.gemm_4bit"):
+                node.meta.pop("recompute", None)
+
+    step, graphs = compiled_checkpoint(body, save, untag)
     x = torch.randn(8, 64)
     step(x).square().sum().backward()
     compiled_grad, lora.grad = lora.grad, None
@@ -244,6 +277,47 @@ def test_checkpointed_4bit_matmuls_are_recomputed_or_saved_as_asked(save):
     gemms = [n for n in graphs["backward"].nodes if str(n.target).startswith("bitsandbytes.gemm_4bit")]
     assert len(gemms) == (0 if save else 1)  # the first matmul's output feeds silu's backward
     assert CheckpointedMatmulTags(save) == CheckpointedMatmulTags(save) != CheckpointedMatmulTags(not save)
+
+
+def test_checkpointed_dropout_kernel_output_is_kept_not_recomputed():
+    """CheckpointedMatmulTags keeps the fused LoRA-dropout op's output (rank r wide) for backward: the
+    backward graph runs only the op's backward, never its forward again; the gradient is unchanged."""
+    from engine.dropout_kernel import lora_a_with_dropout
+
+    torch.manual_seed(0)
+    lora_a = torch.nn.Parameter(torch.randn(4, 64) * 0.1)
+    lora_b = torch.nn.Parameter(torch.randn(64, 4) * 0.1)
+
+    def body(x):
+        return torch.nn.functional.silu(x) + lora_a_with_dropout(x, lora_a, 0.2) @ lora_b.t()
+
+    step, graphs = compiled_checkpoint(body, save=False)
+    x = torch.randn(8, 64, requires_grad=True)
+    torch.manual_seed(1)
+    step(x).square().sum().backward()
+    compiled = [t.grad for t in (x, lora_a, lora_b)]
+    x.grad = lora_a.grad = lora_b.grad = None
+    torch.manual_seed(1)
+    body(x).square().sum().backward()
+    for got, want in zip(compiled, [x.grad, lora_a.grad, lora_b.grad]):
+        assert torch.allclose(got, want, atol=1e-5)
+    ops = [str(n.target) for n in graphs["backward"].nodes if str(n.target).startswith("fsku.")]
+    assert ops == ["fsku.lora_a_dropout_backward.default"]
+
+
+def test_save_matmuls_tags_the_first_layers_and_checks_the_count(tiny_model, monkeypatch):
+    """train.save_matmuls=N: the first N layers compile with the pass that keeps their 4-bit matmul
+    outputs, the others with the one that recomputes them; more than the model's layers is a user error."""
+    from engine.errors import UserError
+    from engine.model import CheckpointedMatmulTags, compile_layers
+    model = fresh_model(tiny_model, True)
+    given = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: given.append(kw["options"]))
+    compile_layers(model, save_matmuls=1)
+    assert [o["joint_custom_pre_pass"] for o in given] == [CheckpointedMatmulTags(True), CheckpointedMatmulTags(False)]
+    assert all(o["fallback_random"] for o in given)
+    with pytest.raises(UserError, match="train.save_matmuls: 3 is more than the model's 2 layers"):
+        compile_layers(model, save_matmuls=3)
 
 
 def test_keep_activations_beyond_the_layer_count_is_a_user_error(tiny_model):
