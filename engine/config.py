@@ -90,7 +90,8 @@ class TrainConfig:
     keep_activations: int = 0
     """With gradient checkpointing, the last N decoder layers keep their activations for backward instead
     of recomputing them: each one saves a layer's forward a step and costs its activation memory (for A.X
-    4.0 Light about 1.7 GB at 8 x 1024 tokens, 3.2 GB at 8 x 2048). Checkpointing only where memory needs it."""
+    4.0 Light about 1.7 GB at 8 x 1024 tokens, 3.2 GB at 8 x 2048; 1.2 and 2.0 GB with dropout_kernel).
+    Checkpointing only where memory needs it."""
     compile: bool = False
     """torch.compile each decoder layer: much less host overhead a step, ~1.5 min of compiling first."""
     recompute_in_graph: bool = True
