@@ -39,7 +39,8 @@ def check(tokens: int, width: int, rank: int = 16, p: float = 0.05) -> dict:
     dx, dw = torch.autograd.grad(out, (x, w), grad)
 
     def rel(a, b):
-        return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+        a, b = a.detach().float(), b.detach().float()
+        return float((a - b).abs().max() / b.abs().max())
 
     def fused():
         torch.autograd.grad(lora_a_dropout(x, w, seed, p), (x, w), grad)
