@@ -86,8 +86,8 @@ def _padded_rank(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
-def _constants(x: torch.Tensor, p: float) -> dict:
-    return {"KEEP_FROM": hashing.threshold(p), "SCALE": 1.0 / (1.0 - p),
+def _constants(x: torch.Tensor, w: torch.Tensor, p: float) -> dict:
+    return {"R": w.shape[0], "KEEP_FROM": hashing.threshold(p), "SCALE": 1.0 / (1.0 - p),
             "PRECISION": "ieee" if x.dtype == torch.float32 else None}
 
 
@@ -104,13 +104,14 @@ def _run(kernel, grid, args: tuple, constants: dict, tile: tuple) -> None:
     kernel[grid(bn, bk)](*args, **constants, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
 
 
-def _launch(kernel, grid, args: tuple, constants: dict, n_cols: int, dtype: torch.dtype) -> None:
-    """Launch `kernel` with the fastest tile for this width, timed on the first call. Not triton.autotune:
-    its bookkeeping on every launch costs host time that a 4 x 512 step (host-bound) feels, ~400 launches
-    a step."""
+def _launch(kernel, grid, args: tuple, constants: dict, x: torch.Tensor) -> None:
+    """Launch `kernel` over the input `x` with the fastest tile for its width, timed on the first call. Not
+    triton.autotune: its bookkeeping on every launch costs host time that a 4 x 512 step (host-bound) feels,
+    ~400 launches a step."""
     if _INTERPRETED:
         return _run(kernel, grid, args, constants, _TILES[0])
-    key = (kernel.fn.__name__, n_cols, dtype, args[-2] >= 4096)  # a few rows want other tiles than many
+    n_rows, n_cols = x.shape
+    key = (kernel.fn.__name__, n_cols, x.dtype, n_rows >= 4096)  # a few rows want other tiles than many
     if key not in _best_tile:
         times = {}
         for tile in _TILES:
@@ -134,8 +135,8 @@ def forward(x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, p: float)
     # few rows: the columns split too, so that the card fills (each split's share summed afterwards)
     n_split = max(1, min(16, triton.cdiv(n_cols, 512), triton.cdiv(8192, n_rows)))
     y = torch.empty(n_split, n_rows, w.shape[0], device=x.device, dtype=x.dtype if n_split == 1 else torch.float32)
-    _launch(_forward_kernel, lambda bn, bk: (triton.cdiv(n_rows, bn), n_split), (x.contiguous(), w, y, seed, n_rows,
-            n_cols), {"R": w.shape[0], **_constants(x, p)}, n_cols, x.dtype)
+    _launch(_forward_kernel, lambda bn, bk: (triton.cdiv(n_rows, bn), n_split),
+            (x.contiguous(), w, y, seed, n_rows, n_cols), _constants(x, w, p), x)
     y = y[0] if n_split == 1 else y.sum(0).to(x.dtype)
     return y[:, :r].contiguous() if w.shape[0] != r else y
 
@@ -151,6 +152,5 @@ def backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, seed: to
     dx = torch.empty_like(x)
     dw = torch.empty(n_split, w.shape[0], n_cols, device=x.device, dtype=torch.float32)
     _launch(_backward_kernel, lambda bn, bk: (triton.cdiv(n_cols, bk), n_split),
-            (g.contiguous(), x.contiguous(), w, seed, dx, dw, n_rows, n_cols), {"R": w.shape[0], **_constants(x, p)},
-            n_cols, x.dtype)
+            (g.contiguous(), x.contiguous(), w, seed, dx, dw, n_rows, n_cols), _constants(x, w, p), x)
     return dx, dw.sum(0)[:r].to(weight.dtype)

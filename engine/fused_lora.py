@@ -25,8 +25,7 @@ def low_rank_input(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
     """`lora_A(dropout(x))`, through the fused dropout op where this layer was given train.dropout_kernel
     and dropout is on."""
     dropout = self.lora_dropout[adapter]
-    if (getattr(self, "dropout_kernel", False) and isinstance(dropout, torch.nn.Dropout) and dropout.training
-            and dropout.p > 0):
+    if self.dropout_kernel and isinstance(dropout, torch.nn.Dropout) and dropout.training and dropout.p > 0:
         from engine.dropout_kernel import lora_a_with_dropout
         return lora_a_with_dropout(x, self.lora_A[adapter].weight, dropout.p)
     return self.lora_A[adapter](dropout(x))

@@ -81,3 +81,34 @@ def test_triton_kernels_match_the_torch_ops_in_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     run = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0 and "kernels agree" in run.stdout, run.stderr[-2000:]
+
+
+TUNED = """
+import torch, triton.testing
+from engine import dropout_kernel as dk, dropout_triton as dt
+dt._INTERPRETED = False  # the launch path a GPU takes, its timing faked: tile 4 of _TILES is the fastest
+timed = []
+def fake_bench(fn, **_):
+    fn()
+    timed.append(1)
+    return [5.0, 4.0, 3.0, 2.0, 1.0, 6.0, 7.0][(len(timed) - 1) % len(dt._TILES)]
+triton.testing.do_bench = fake_bench
+torch.manual_seed(0)
+x, w, seed, p = torch.randn(70, 130), torch.randn(16, 130) * 0.1, torch.tensor([5]), 0.3
+want = dk.dropped(x, dk.keep_mask(seed, 70, 130, p), p) @ w.t()
+for _ in range(2):
+    assert (dt.forward(x, w, seed, p) - want).abs().max() < 1e-4
+assert len(timed) == len(dt._TILES) and dt._best_tile == {("_forward_kernel", 130, torch.float32, False): dt._TILES[4]}
+dt.forward(torch.randn(4096, 130), w, seed, p)  # many rows: timed again
+assert len(timed) == 2 * len(dt._TILES) and len(dt._best_tile) == 2
+print("tiles timed once a key")
+"""
+
+
+def test_kernel_tiles_are_timed_once_per_width_dtype_and_row_count():
+    """The tile choice the GPU path makes: every tile timed at the first call of a key (kernel, width,
+    dtype, few or many rows), the fastest reused after, the result unchanged (Triton's interpreter)."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-c", TUNED], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and "tiles timed once a key" in run.stdout, run.stderr[-2000:]
