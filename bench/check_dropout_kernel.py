@@ -10,20 +10,8 @@ from pathlib import Path
 
 import torch
 
-from bench.common import write_json
+from bench.common import cuda_ms, write_json
 from engine.dropout_kernel import dropped, keep_mask, lora_a_dropout
-
-
-def cuda_ms(fn, repeat: int = 20) -> float:
-    fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(repeat):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeat
 
 
 def check(tokens: int, width: int, rank: int = 16, p: float = 0.05) -> dict:

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One device call: stage "final-train" (the dropout kernel checked against PyTorch ops, then HF Trainer vs our
-# loop: compiled layers recomputed inside their graphs, expanded double quant; beyond 4 x 512 the first layers
-# keeping their 4-bit matmul outputs and LoRA dropout in its kernel; at 8 x 2048 a variant within 22 GiB first),
-# "final-eval" (in-loop eval and infer.py beside HF generate), "loop" (train.py baseline 30 steps), ... Needs .whl (../shared/tools/gpu-carry.sh) and .carry
+# One device call: stage "final-train" (the NF4 dequantization kernel checked against bitsandbytes, then HF
+# Trainer vs our loop: compiled layers recomputed inside their graphs, expanded double quant, 4-bit weights
+# dequantized in the graph; beyond 4 x 512 the first layers keeping their 4-bit matmul outputs and LoRA dropout
+# in its kernel; at 8 x 2048 a variant within 22 GiB too), "final-eval" (in-loop eval and infer.py beside HF
+# generate), "loop" (train.py baseline 30 steps), ... Needs .whl (../shared/tools/gpu-carry.sh) and .carry
 # (A.X tokenizer files + FSKU dev CSV) carried along. Results land in $OUT.
 set -uo pipefail
 stage=${1:-loop}
@@ -61,11 +62,18 @@ elif [ "$stage" = explore-512 ]; then
 elif [ "$stage" = explore-small ]; then
   timeout 500 python3 -m bench.bench_train $M "$OUT/train.json" --skip-hf --ours compile+absmax+keep4:4x512,mix8,mix16 \
     --ours compile+absmax+dropk+savemm10:8x1024,4x512,mix8,mix16 > "$OUT/train.log" 2>&1
+elif [ "$stage" = explore-dequant ]; then
+  timeout 100 python3 -m bench.check_nf4 "$OUT/nf4.json" > "$OUT/nf4.log" 2>&1
+  timeout 420 python3 -m bench.bench_train $M "$OUT/train.json" --hf-shapes 4x512 \
+    --ours compile+absmax+savemm2+keep4:4x512 --ours compile+absmax+dequant+dropk+savemm10:8x1024 \
+    --ours compile+absmax+dequant+savemm2+keep4:4x512 --profile 4x512 > "$OUT/train.log" 2>&1
 elif [ "$stage" = final-train ]; then
-  timeout 120 python3 -m bench.check_dropout_kernel "$OUT/dropout_kernel.json" > "$OUT/dropout_kernel.log" 2>&1
+  timeout 60 python3 -m bench.check_nf4 "$OUT/nf4.json" > "$OUT/nf4.log" 2>&1
   timeout 540 python3 -m bench.bench_train $M "$OUT/train.json" --hf-shapes 4x512,8x1024,8x2048,mix8,mix16 \
-    --ours compile+absmax+savemm2+keep4:4x512 --ours compile+absmax+dropk+savemm10:8x1024,mix8,mix16,gmix128 \
-    --ours compile+absmax+dropk+savemm5:8x2048 --ours compile+absmax+dropk+savemm12:8x2048 > "$OUT/train.log" 2>&1
+    --ours compile+absmax+dequant+savemm2+keep4:4x512 --ours compile+absmax+dequant+keep5:4x512 \
+    --ours compile+absmax+dequant+dropk+savemm10:8x1024,mix8,mix16,gmix128 \
+    --ours compile+absmax+dequant+dropk+savemm5:8x2048 --ours compile+absmax+dequant+dropk+savemm12:8x2048 \
+    > "$OUT/train.log" 2>&1
 elif [ "$stage" = final-eval ]; then
   python3 -c "from pathlib import Path; from bench.common import make_random_adapter as a; a(Path('$M'), Path('.cache/adapter'))"
   timeout 200 python3 -m bench.bench_eval $M $D/eval2000.csv "$OUT/eval.json" > "$OUT/eval.log" 2>&1

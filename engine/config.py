@@ -112,6 +112,10 @@ class TrainConfig:
     """Dequantize the 8-bit block scales of double quant once, at load (fp32; +0.3 GB for A.X 4.0 Light),
     instead of inside every 4-bit matmul: 3 x 196 small kernels a step fewer, the same 4-bit weights bit for
     bit."""
+    dequant_in_graph: bool = False
+    """With compile and expand_double_quant: each 4-bit weight dequantized by PyTorch ops inside the
+    compiled layer (the same weights bit for bit) instead of by bitsandbytes' op, whose Python costs ~0.1 ms
+    of host time a call; a checkpointed layer's recompute and backward then share one dequantization."""
     resume: bool = True
     skip_nonfinite: int = 0
     label_smoothing: float = 0.0
@@ -390,6 +394,9 @@ def _validate(recipe: Recipe, where: str) -> None:
                                           and recipe.train.gradient_checkpointing):
         raise UserError(f"{where}: train.save_matmuls needs train.compile, train.recompute_in_graph and "
                         "train.gradient_checkpointing: true")
+    if recipe.train.dequant_in_graph and not (recipe.train.compile and recipe.train.expand_double_quant):
+        # eagerly, autograd would keep every dequantized weight for backward: 2 bytes a weight
+        raise UserError(f"{where}: train.dequant_in_graph needs train.compile and train.expand_double_quant: true")
     if recipe.train.keep_activations and not recipe.train.gradient_checkpointing:
         raise UserError(f"{where}: train.keep_activations only means something with train.gradient_checkpointing: "
                         "true")

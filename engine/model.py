@@ -185,14 +185,17 @@ def expand_double_quant(model) -> int:
 
 def apply_speed_levers(model, train: TrainConfig):
     """The recipe's switches that change how fast a step runs, never what it computes: layers kept out
-    of checkpointing, expanded double quant, the fused LoRA update and dropout, compiled layers (last: it
-    compiles what the others set up). The recipe's validation allows keep_activations only with gradient checkpointing."""
+    of checkpointing, expanded double quant, 4-bit weights dequantized in the graph, the fused LoRA update
+    and dropout, compiled layers (last: it compiles what the others set up). The recipe's validation allows keep_activations only with gradient checkpointing."""
     from engine.fused_lora import set_lora_forward
+    from engine.nf4 import dequantize_in_graph
 
     if train.keep_activations:
         keep_activations(model, train.keep_activations)
     if train.expand_double_quant:
         expand_double_quant(model)
+    if train.dequant_in_graph:
+        dequantize_in_graph(model)
     if train.fused_lora or train.dropout_kernel:
         set_lora_forward(model, fused_update=train.fused_lora, dropout_kernel=train.dropout_kernel)
     if train.compile:
@@ -239,19 +242,27 @@ class CheckpointedMatmulTags:
     because bitsandbytes' matmul comes out of its autograd.Function without the checkpoint's tag on
     PyTorch 2.11, and the partitioner then saves it: +17 GiB at 8 x 1024. The fused LoRA-dropout op's
     output (train.dropout_kernel) is always kept: r values a token, where its recompute reads the whole
-    input again. Shaped as inductor's CustomGraphPass (a call on the graph, a uuid), not derived from it:
-    infer.py imports this module on PyTorch 2.1, which has no such class."""
+    input again. With train.dequant_in_graph the 4-bit matmuls are plain matmuls reading weights that
+    PyTorch ops dequantize (`engine.nf4`): those matmuls get the same choice, and the dequantizing ops are
+    always recomputed, never saved (inside a checkpoint or not), so backward dequantizes each weight once for
+    its recompute and its input gradient together. Shaped as inductor's CustomGraphPass (a call on the graph,
+    a uuid), not derived from it: infer.py imports this module on PyTorch 2.1, which has no such class."""
 
     def __init__(self, save: bool):
         self.save = save
 
     def __call__(self, graph) -> None:
         from torch.utils.checkpoint import CheckpointPolicy
+        from engine.nf4 import dequantized_weights
 
         matmul_policy = CheckpointPolicy.MUST_SAVE if self.save else CheckpointPolicy.PREFER_RECOMPUTE
+        dequantizing, readers = dequantized_weights(graph)
+        for node in dequantizing:
+            node.meta["recompute"] = CheckpointPolicy.PREFER_RECOMPUTE
+        readers = set(readers)
         for node in graph.nodes:
             target = str(node.target) if node.op == "call_function" else ""
-            if target.startswith("bitsandbytes.gemm_4bit"):
+            if target.startswith("bitsandbytes.gemm_4bit") or node in readers:
                 policy = matmul_policy
             elif target.startswith("fsku.lora_a_dropout."):
                 policy = CheckpointPolicy.MUST_SAVE
@@ -263,7 +274,7 @@ class CheckpointedMatmulTags:
                 node.meta["ac_graph_id"], node.meta["recompute"] = region, policy
 
     def uuid(self) -> str:  # the key of inductor's graph cache
-        return f"fsku-checkpointed-matmul-tags-v2-save={self.save}"
+        return f"fsku-checkpointed-matmul-tags-v3-save={self.save}"
 
     def __eq__(self, other) -> bool:  # torch.compile compares backends' options to share graphs
         return isinstance(other, CheckpointedMatmulTags) and other.save == self.save

@@ -63,3 +63,32 @@ def tiny_overrides(tiny_model: Path, out: Path, *extra: str) -> list[str]:
 def events(run_dir: Path, kind: str) -> list[dict]:
     lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     return [e for e in map(json.loads, lines) if e["event"] == kind]
+
+
+def compiled_checkpoint(body, save: bool, prepare=lambda graph: None, checkpoint: bool = True):
+    """`body` (checkpointed unless `checkpoint` is false) compiled through aot_autograd, the joint graph
+    passed through `prepare` and CheckpointedMatmulTags(save) before the partitioner; returns the compiled
+    call and the dict where its forward and backward graphs land."""
+    import torch
+    from torch._dynamo.backends.common import aot_autograd
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from engine.model import CheckpointedMatmulTags
+
+    graphs = {}
+
+    def partition(joint, *args, **kwargs):
+        prepare(joint.graph)
+        CheckpointedMatmulTags(save)(joint.graph)
+        return min_cut_rematerialization_partition(joint, *args, **kwargs)
+
+    def keep(kind):
+        def compiler(gm, _):
+            graphs[kind] = gm.graph
+            return make_boxed_func(gm)
+        return compiler
+
+    backend = aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward"), partition_fn=partition)
+    if checkpoint:
+        return torch.compile(lambda x: torch.utils.checkpoint.checkpoint(body, x, use_reentrant=False),
+                             backend=backend), graphs
+    return torch.compile(body, backend=backend), graphs

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import SAMPLE
+from conftest import SAMPLE, compiled_checkpoint
 from engine.config import LoraConfig, ModelConfig
 from engine.data import encode_all, read_examples
 from engine.loss import Batch, answer_token_losses, collate, forward_backward, weighted_loss_sum
@@ -217,32 +217,6 @@ def test_compiled_recompute_skips_the_down_projection(setup, tiny_model):
     assert matmuls_reading(graphs["forward"], gate) == [1, 1] and matmuls_reading(graphs["forward"], down) == [1]
     assert matmuls_reading(graphs["backward"], gate) == [2, 2]  # gate and up: recompute + input gradient
     assert matmuls_reading(graphs["backward"], down) == [1]
-
-
-def compiled_checkpoint(body, save: bool, prepare=lambda graph: None):
-    """`body` checkpointed and compiled through aot_autograd, the joint graph passed through `prepare` and
-    CheckpointedMatmulTags(save) before the partitioner; returns the compiled call and the dict where its
-    forward and backward graphs land."""
-    from torch._dynamo.backends.common import aot_autograd
-    from functorch.compile import min_cut_rematerialization_partition
-    from engine.model import CheckpointedMatmulTags
-
-    graphs = {}
-
-    def partition(joint, *args, **kwargs):
-        prepare(joint.graph)
-        CheckpointedMatmulTags(save)(joint.graph)
-        return min_cut_rematerialization_partition(joint, *args, **kwargs)
-
-    def keep(kind):
-        def compiler(gm, _):
-            graphs[kind] = gm.graph
-            return gm
-        return compiler
-
-    backend = aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward"), partition_fn=partition)
-    step = torch.compile(lambda x: torch.utils.checkpoint.checkpoint(body, x, use_reentrant=False), backend=backend)
-    return step, graphs
 
 
 @pytest.mark.parametrize("save", [False, True])
