@@ -113,9 +113,9 @@ class TrainConfig:
     instead of inside every 4-bit matmul: 3 x 196 small kernels a step fewer, the same 4-bit weights bit for
     bit."""
     dequant_in_graph: bool = False
-    """With compile and expand_double_quant: each 4-bit weight dequantized by PyTorch ops inside the
-    compiled layer (the same weights bit for bit) instead of by bitsandbytes' op, whose Python costs ~0.1 ms
-    of host time a call; a checkpointed layer's recompute and backward then share one dequantization."""
+    """With compile and expand_double_quant: each 4-bit weight dequantized by a Triton kernel that the
+    compiled layer launches itself (the same weights bit for bit) instead of by bitsandbytes' op, whose Python
+    costs ~0.1 ms of host time a call; a checkpointed layer's recompute and backward share one dequantization."""
     resume: bool = True
     skip_nonfinite: int = 0
     label_smoothing: float = 0.0

@@ -186,15 +186,16 @@ def expand_double_quant(model) -> int:
 def apply_speed_levers(model, train: TrainConfig):
     """The recipe's switches that change how fast a step runs, never what it computes: layers kept out
     of checkpointing, expanded double quant, 4-bit weights dequantized in the graph, the fused LoRA update
-    and dropout, compiled layers (last: it compiles what the others set up). The recipe's validation allows keep_activations only with gradient checkpointing."""
+    and dropout, compiled layers (last: it compiles what the others set up). The recipe's validation allows
+    keep_activations only with gradient checkpointing."""
     from engine.fused_lora import set_lora_forward
-    from engine.nf4 import dequantize_in_graph
 
     if train.keep_activations:
         keep_activations(model, train.keep_activations)
     if train.expand_double_quant:
         expand_double_quant(model)
     if train.dequant_in_graph:
+        from engine.nf4 import dequantize_in_graph  # torch.library.triton_op: PyTorch >= 2.6
         dequantize_in_graph(model)
     if train.fused_lora or train.dropout_kernel:
         set_lora_forward(model, fused_update=train.fused_lora, dropout_kernel=train.dropout_kernel)
@@ -243,9 +244,9 @@ class CheckpointedMatmulTags:
     PyTorch 2.11, and the partitioner then saves it: +17 GiB at 8 x 1024. The fused LoRA-dropout op's
     output (train.dropout_kernel) is always kept: r values a token, where its recompute reads the whole
     input again. With train.dequant_in_graph the 4-bit matmuls are plain matmuls reading weights that
-    PyTorch ops dequantize (`engine.nf4`): those matmuls get the same choice, and the dequantizing ops are
-    always recomputed, never saved (inside a checkpoint or not), so backward dequantizes each weight once for
-    its recompute and its input gradient together. Shaped as inductor's CustomGraphPass (a call on the graph,
+    `engine.nf4`'s op dequantizes: those matmuls get the same choice, and the dequantizing nodes are always
+    recomputed, never saved (inside a checkpoint or not), so backward dequantizes each weight once for its
+    recompute and its input gradient together. Shaped as inductor's CustomGraphPass (a call on the graph,
     a uuid), not derived from it: infer.py imports this module on PyTorch 2.1, which has no such class."""
 
     def __init__(self, save: bool):

@@ -1,16 +1,16 @@
-"""train.dequant_in_graph: 4-bit NF4 weights dequantized by PyTorch ops inside the compiled layers.
+"""train.dequant_in_graph: 4-bit NF4 weights dequantized inside the compiled layers, then a plain matmul.
 
 bitsandbytes' 4-bit linear reaches a compiled graph as one opaque op (`bitsandbytes::gemm_4bit`) whose
 kernel is Python: ~0.1 ms of host time a call, ~330 calls a step for A.X 4.0 Light, in a step that is
-host-bound at small batches. Written as PyTorch ops, the dequantization becomes one generated kernel
-launched from the compiled code, and the partitioner sees the weight it produces: a checkpointed layer's
-recompute and its backward then read one dequantized weight, where bitsandbytes dequantizes for each.
+host-bound at small batches. The op `fsku::dequantize_nf4` (a `triton_op`) is seen into by torch.compile:
+on CUDA its Triton kernel (`engine.nf4_triton`) becomes a node of the graph that inductor launches from its
+generated code, and the partitioner sees the weight it produces, so a checkpointed layer's recompute and its
+backward read one dequantized weight, where bitsandbytes dequantizes for each. On the CPU the op runs
+`dequantize_nf4`'s PyTorch ops.
 
 The same weights bit for bit: each byte holds two 4-bit indices into the 16 NF4 values (high nibble first),
 each block of `blocksize` values is scaled by its fp32 block scale in fp32, and the product is rounded
-to the compute dtype, as bitsandbytes' kernels do. On CUDA the op `fsku::dequantize_nf4` runs one Triton
-kernel (`engine.nf4_triton`), which torch.compile sees into and inductor launches from its generated code;
-on the CPU it runs `dequantize_nf4`'s PyTorch ops.
+to the compute dtype, as bitsandbytes' kernels do.
 """
 import operator
 import types
