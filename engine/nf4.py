@@ -53,11 +53,13 @@ def nf4_linear_forward(self, x: torch.Tensor) -> torch.Tensor:
 def dequantize_in_graph(model) -> int:
     """Give every 4-bit linear of `model` `nf4_linear_forward`; returns how many. Its block scales must be
     fp32 already (train.expand_double_quant): the double-quant step in PyTorch ops would round differently."""
+    from engine.model import is_4bit
+
     changed = 0
     for name, module in model.named_modules():
-        state = getattr(getattr(module, "weight", None), "quant_state", None)
-        if state is None or not isinstance(module, torch.nn.Linear):
+        if not (isinstance(module, torch.nn.Linear) and is_4bit(module.weight)):
             continue
+        state = module.weight.quant_state
         if state.quant_type != "nf4" or state.nested or state.absmax.dtype != torch.float32:
             raise UserError(f"train.dequant_in_graph: {name} is not NF4 with fp32 block scales "
                             "(set train.expand_double_quant: true)")

@@ -88,7 +88,5 @@ def compiled_checkpoint(body, save: bool, prepare=lambda graph: None, checkpoint
         return compiler
 
     backend = aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward"), partition_fn=partition)
-    if checkpoint:
-        return torch.compile(lambda x: torch.utils.checkpoint.checkpoint(body, x, use_reentrant=False),
-                             backend=backend), graphs
-    return torch.compile(body, backend=backend), graphs
+    step = (lambda x: torch.utils.checkpoint.checkpoint(body, x, use_reentrant=False)) if checkpoint else body
+    return torch.compile(step, backend=backend), graphs

@@ -17,7 +17,7 @@ from engine.data import encode_all, read_examples
 from engine.errors import UserError
 from engine.loss import collate, forward_backward
 from engine.model import CheckpointedMatmulTags, add_lora, load_base_model
-from engine.nf4 import dequantize_in_graph, dequantize_nf4, dequantized_weights, nf4_linear_forward
+from engine.nf4 import dequantize_in_graph, dequantize_nf4, dequantized_weights
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -110,7 +110,7 @@ def two_layers():
         h = up(x) + (x @ lora.t()).sum(-1, keepdim=True)
         return down(torch.nn.functional.silu(h)) + x
 
-    return (up, down), lora, body
+    return torch.nn.ModuleList([up, down]), lora, body
 
 
 def gradients(step, x, lora):
@@ -128,8 +128,7 @@ def test_dequantized_weights_are_recomputed_once_for_backward(checkpoint, save):
     layers, lora, body = two_layers()
     x = torch.randn(8, 64, requires_grad=True)
     want = gradients(body, x, lora)
-    for layer in layers:
-        layer.forward = nf4_linear_forward.__get__(layer)
+    assert dequantize_in_graph(layers) == 2
     step, graphs = compiled_checkpoint(body, save, checkpoint=checkpoint)
     for got, expected in zip(gradients(step, x, lora), want):
         assert torch.allclose(got, expected, atol=1e-5)
@@ -148,8 +147,7 @@ def test_dequant_in_graph_compiles_with_inductor():
     layers, lora, body = two_layers()
     x = torch.randn(8, 64, requires_grad=True)
     want = gradients(body, x, lora)
-    for layer in layers:
-        layer.forward = nf4_linear_forward.__get__(layer)
+    assert dequantize_in_graph(layers) == 2
     torch._dynamo.reset()
     step = torch.compile(lambda x: torch.utils.checkpoint.checkpoint(body, x, use_reentrant=False),
                          options={"fallback_random": True, "joint_custom_pre_pass": CheckpointedMatmulTags(False)})
