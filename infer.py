@@ -1,6 +1,10 @@
 """Offline inference to a submission CSV (`ID,Answer`), one row per test ID in test order.
 
-    python infer.py --test TEST.csv --out SUBMISSION.csv (--recipe RECIPE | --model DIR) [--adapter DIR]
+    python infer.py --test TEST.csv --out SUBMISSION.csv (--recipe RECIPE | --model DIR) [--adapter DIR | --no-adapter]
+
+With --recipe the adapter is that run's `checkpoints/best`, verified against its manifest; a run without a
+usable one is refused (exit 2) unless --adapter names another or --no-adapter asks for the base model. The
+first line printed names the adapter and its step.
 
 MC questions are answered by masked digit scoring (always a valid digit), subjective ones by capped
 generation. Answers are appended to `SUBMISSION.csv.partial.jsonl` batch by batch; a killed run, re-run
@@ -19,19 +23,21 @@ import sys
 import time
 from pathlib import Path
 
-from engine.errors import UserError, run_cli
+from engine.errors import ArgumentParser, UserError, run_cli
 from engine.faults import fault
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Write a submission CSV for a test file, offline.")
+    p = ArgumentParser(description="Write a submission CSV for a test file, offline.")
     p.add_argument("--test", required=True, type=Path, help="CSV with ID and Question columns")
     p.add_argument("--out", required=True, type=Path, help="submission CSV to write (ID,Answer)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--recipe", help="take model, prompt and decoding settings from this recipe")
     src.add_argument("--model", help="base model directory (decoding settings: defaults)")
-    p.add_argument("--adapter", type=Path, help="LoRA adapter directory (default with --recipe: "
-                                                 "its run's checkpoints/best when present)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--adapter", type=Path, help="LoRA adapter directory (default with --recipe: its run's "
+                                                     "checkpoints/best)")
+    which.add_argument("--no-adapter", action="store_true", help="answer with the base model alone, on purpose")
     p.add_argument("--batch-size", type=int, help="MC prompts per forward pass (default: decode.batch_size)")
     p.add_argument("--subj-batch-size", type=int, help="subjective prompts per generate call "
                                                        "(default: decode.subj_batch_size)")
@@ -43,18 +49,43 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
+def recipe_adapter(recipe) -> Path:
+    """The run's `checkpoints/best`, verified; anything else is a user error that says what to do."""
+    from engine.checkpoint import usable_checkpoint, verify
+
+    ckpt_root = Path(recipe.output_dir) / "checkpoints"
+    best = ckpt_root / "best"
+    if best.is_dir():
+        problem = verify(best)
+        if problem is None:
+            return best
+        where = f"{best} is damaged ({problem})"
+    else:
+        where = f"no checkpoint under {recipe.output_dir}"
+    try:
+        newest = usable_checkpoint(ckpt_root)[0]
+    except UserError:
+        newest = None
+    instead = f"pass --adapter {newest.path}" if newest else "train first, pass --adapter DIR"
+    raise UserError(f"{where}: {instead}, or --no-adapter for the base model")
+
+
+def adapter_step(adapter: Path) -> str:
+    from engine.checkpoint import manifest_step
+    step = manifest_step(adapter)
+    return f"step {step}" if step is not None else "step unknown: no manifest"
+
+
 def settings(args: argparse.Namespace):
     """(recipe, adapter dir or None) with the command line's choices applied."""
+    from engine.checkpoint import MANIFEST, verify
     from engine.config import Recipe, load_recipe
 
     if args.recipe:
         recipe = load_recipe(args.recipe)
-        best = Path(recipe.output_dir) / "checkpoints" / "best"
-        adapter = args.adapter or (best if (best / "adapter_config.json").is_file() else None)
     else:
         recipe = Recipe()
         recipe.model.path = args.model
-        adapter = args.adapter
     for key in ("batch_size", "subj_batch_size", "max_new_tokens"):  # command line over recipe
         value = getattr(args, key)
         if value is not None:
@@ -63,8 +94,15 @@ def settings(args: argparse.Namespace):
             setattr(recipe.decode, key, value)
     if not (Path(recipe.model.path) / "config.json").is_file():
         raise UserError(f"model: {recipe.model.path} is not a model directory (no config.json)")
-    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
-        raise UserError(f"--adapter: {adapter} has no adapter_config.json")
+    adapter = args.adapter
+    if adapter is not None:
+        if not (adapter / "adapter_config.json").is_file():
+            raise UserError(f"--adapter: {adapter} has no adapter_config.json")
+        problem = verify(adapter) if (adapter / MANIFEST).exists() else None
+        if problem:
+            raise UserError(f"--adapter: {adapter} is damaged ({problem})")
+    elif args.recipe and not args.no_adapter:
+        adapter = recipe_adapter(recipe)
     return recipe, adapter
 
 
@@ -147,6 +185,8 @@ def main() -> int:
     if not os.access(args.out.parent, os.W_OK):
         raise UserError(f"--out: directory {args.out.parent} is not writable")
     recipe, adapter = settings(args)
+    print(f"adapter: {adapter} ({adapter_step(adapter)})" if adapter else
+          f"adapter: none, the base model {recipe.model.path} alone", file=sys.stderr, flush=True)
 
     import torch
     from tqdm import tqdm

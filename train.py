@@ -1,13 +1,11 @@
 """python train.py RECIPE [section.key=value ...]: train LoRA adapters as the recipe says (see README)."""
 from __future__ import annotations
 
-import argparse
-
-from engine.errors import run_cli
+from engine.errors import ArgumentParser, run_cli
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description="Fine-tune with QLoRA from a recipe.")
+    parser = ArgumentParser(description="Fine-tune with QLoRA from a recipe.")
     parser.add_argument("recipe", help="recipe YAML, e.g. recipes/setB.yaml")
     parser.add_argument("overrides", nargs="*", help="section.key=value, applied last")
     args = parser.parse_args()

@@ -2,14 +2,19 @@
 
 A checkpoint is built in a hidden temporary directory and renamed into place as `step-<N>` only when
 every file is on disk, so a killed write never leaves a directory that looks complete. `best/` is
-swapped in the same way.
+swapped in the same way. Each one holds `manifest.json` (every file's size and sha256, and the step),
+written last: a checkpoint damaged afterwards (a truncated copy, a full disk, bit rot) fails `verify` and
+is never resumed from or inferred with.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -18,6 +23,7 @@ import torch
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 ADAPTER_FILE = "adapter_model.safetensors"
+MANIFEST = "manifest.json"
 
 
 def _fsync_tree(path: Path) -> None:
@@ -27,14 +33,59 @@ def _fsync_tree(path: Path) -> None:
                 os.fsync(fh.fileno())
 
 
-def _write_dir_atomically(final: Path, fill) -> None:
-    """Call `fill(tmp_dir)`, then put tmp_dir at `final` (replacing it) with renames only."""
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(d: Path, step: int) -> None:
+    files = {str(f.relative_to(d)): {"size": f.stat().st_size, "sha256": _sha256(f)}
+             for f in sorted(d.rglob("*")) if f.is_file() and f.name != MANIFEST}
+    (d / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1), encoding="utf-8")
+
+
+def verify(d: Path) -> Optional[str]:
+    """None when every file of the checkpoint `d` is there with the size and sha256 its manifest gives;
+    else why not, in a few words."""
+    try:
+        manifest = json.loads((d / MANIFEST).read_text(encoding="utf-8"))
+        files = manifest["files"]
+    except FileNotFoundError:
+        return f"no {MANIFEST} (an unfinished or older checkpoint)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{MANIFEST} is unreadable"
+    for name, want in files.items():
+        f = d / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != want["size"]:
+            return f"{name} is {f.stat().st_size} bytes, the manifest says {want['size']}"
+        if _sha256(f) != want["sha256"]:
+            return f"{name} does not match its sha256 in the manifest"
+    return None
+
+
+def manifest_step(d: Path) -> Optional[int]:
+    """The step a verified checkpoint was saved at (None when its manifest does not say)."""
+    try:
+        return int(json.loads((d / MANIFEST).read_text(encoding="utf-8"))["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_dir_atomically(final: Path, fill, step: int) -> None:
+    """Call `fill(tmp_dir)`, write the manifest, then put tmp_dir at `final` (replacing it) with renames
+    only."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
         fill(tmp)
+        write_manifest(tmp, step)
         _fsync_tree(tmp)
         old = final.parent / f".{final.name}.old-{os.getpid()}"
         if final.exists():
@@ -61,8 +112,14 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_adapter(model, out: Path) -> None:
-    _write_dir_atomically(out, lambda d: model.save_pretrained(str(d)))
+def save_adapter(model, out: Path, step: int, extra: Optional[dict[str, str]] = None) -> None:
+    """The adapter alone (`best/`), with `extra` text files (name -> content) under the same manifest."""
+    def fill(d: Path) -> None:
+        model.save_pretrained(str(d))
+        for name, text in (extra or {}).items():
+            (d / name).write_text(text, encoding="utf-8")
+
+    _write_dir_atomically(out, fill, step)
 
 
 def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, loop_state: dict, rngs: list[dict],
@@ -77,7 +134,7 @@ def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, loop_state: di
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "rngs": rngs, "loop": loop_state},
                    d / "state.pt")
 
-    _write_dir_atomically(final, fill)
+    _write_dir_atomically(final, fill, step)
     return final
 
 
@@ -102,20 +159,62 @@ def remove_partial_writes(ckpt_root: Path) -> None:
 
 
 def latest_checkpoint(ckpt_root: Path) -> Optional[Path]:
+    """The newest complete checkpoint directory, unverified (for messages; resume uses `usable_checkpoint`)."""
     found = complete_checkpoints(ckpt_root)
     return found[-1][1] if found else None
 
 
-def load_checkpoint(path: Path, model, optimizer, rank: int = 0, world: int = 1) -> dict:
-    """Restore adapter weights, optimizer and this rank's RNG from `path`; returns the saved state dict.
-    Resumed with another number of ranks, the RNG streams (dropout) start afresh from the seed instead."""
-    from peft import set_peft_model_state_dict
+@dataclass
+class Saved:
+    """A checkpoint read into memory, not yet applied to a model."""
+    path: Path
+    adapter: dict
+    state: dict
+
+
+def read_checkpoint(path: Path) -> Saved:
+    """Verify `path` and read its adapter tensors and state to the CPU; ValueError says why it is unusable."""
     from safetensors.torch import load_file
 
+    problem = verify(path)
+    if problem:
+        raise ValueError(problem)
+    try:
+        adapter = load_file(str(path / ADAPTER_FILE), device="cpu")
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    except Exception as e:  # a file that verifies but does not load: written by something else
+        first = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
+        raise ValueError(f"does not load ({type(e).__name__}: {first})") from None
+    return Saved(path, adapter, state)
+
+
+def usable_checkpoint(ckpt_root: Path) -> tuple[Optional[Saved], list[str]]:
+    """(the newest checkpoint under `ckpt_root` that verifies and loads, 'step-N: why' for each newer one
+    passed over). (None, []) when there is no checkpoint at all; UserError when none is usable."""
+    from engine.errors import UserError
+
+    found = sorted(((int(m.group(1)), p) for p in (ckpt_root.iterdir() if ckpt_root.is_dir() else [])
+                    if p.is_dir() and (m := STEP_DIR.match(p.name))))
+    skipped = []
+    for _, path in reversed(found):
+        try:
+            return read_checkpoint(path), skipped
+        except ValueError as e:
+            skipped.append(f"{path.name}: {e}")
+    if not found:
+        return None, []
+    raise UserError(f"{ckpt_root}: no usable checkpoint ({'; '.join(skipped)}); move them away to start over, "
+                    f"or set train.resume=false for a fresh run directory")
+
+
+def apply_checkpoint(saved: Saved, model, optimizer, rank: int = 0, world: int = 1) -> dict:
+    """Restore adapter weights, optimizer and this rank's RNG from a read checkpoint; returns its state.
+    Resumed with another number of ranks, the RNG streams (dropout) start afresh from the seed instead."""
+    from peft import set_peft_model_state_dict
+
     device = next(p for p in model.parameters() if p.requires_grad).device
-    set_peft_model_state_dict(model, load_file(str(path / ADAPTER_FILE), device=str(device)))
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    if len(state["rngs"]) == world:
-        set_rng_state(state["rngs"][rank])
-    return state
+    set_peft_model_state_dict(model, {k: v.to(device) for k, v in saved.adapter.items()})
+    optimizer.load_state_dict(saved.state["optimizer"])
+    if len(saved.state["rngs"]) == world:
+        set_rng_state(saved.state["rngs"][rank])
+    return saved.state

@@ -15,7 +15,8 @@ from typing import Optional, Sequence
 from engine.errors import UserError
 
 OPTION_LINE = re.compile(r"^\s*([1-9][0-9]?)\s")
-MAX_QUESTION_CHARS = 20_000
+MAX_QUESTION_CHARS = 8_000
+"""FSKU's questions run to a few hundred characters; a longer one is a broken cell, not a question."""
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """The one exception type for user mistakes, and the guard that turns it into exit status 2."""
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Callable
 
@@ -28,3 +29,10 @@ def run_cli(main: Callable[[], int]) -> None:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage mistakes are UserErrors too: one line and exit 2, like every other mistake."""
+
+    def error(self, message: str):
+        raise UserError(f"command line: {message} (see {self.prog} --help)")

@@ -18,6 +18,7 @@ from decode.mc import MCAnswer, answer_mc, choice
 from decode.subjective import answer_subjective
 from engine.config import Recipe
 from engine.errors import UserError
+from engine.files import atomic_write_text
 from engine.fused_lora import lora_merged_on_the_fly
 from engine.data import Encoded, Example, encode_all, encode_prompt
 from engine.loss import answer_positions, autocast, collate
@@ -183,9 +184,7 @@ class Evaluator:
             return
         out = self.run_dir / "eval" / f"step-{step}.jsonl"
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-        tmp.replace(out)
+        atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 # --- python -m engine.evaluate CHECKPOINT --grid key=v1,v2 ... ----------------------------------------------

@@ -24,20 +24,21 @@ import yaml
 
 from decode.digits import digit_token_ids
 from engine import distributed as dist
-from engine.checkpoint import (latest_checkpoint, load_checkpoint, remove_partial_writes, rng_state, save_adapter,
-                               save_checkpoint)
+from engine.checkpoint import (apply_checkpoint, latest_checkpoint, remove_partial_writes, rng_state, save_adapter,
+                               save_checkpoint, usable_checkpoint, verify)
 from engine.config import Recipe, dump_recipe, recipe_to_dict
 from engine.data import encode_all, encode_prompt, read_examples
 from engine.errors import TrainingError, UserError
 from engine.evaluate import Evaluator
 from engine.faults import fault
+from engine.files import atomic_write_text
 from engine.labels import check_labels
 from engine.loss import collate, forward_backward
 from engine.model import (add_lora, apply_speed_levers, count_parameters, ensure_tiny_model, is_4bit,
                           load_base_model, load_tokenizer)
 from engine.sampling import Sampler, micro_batches
 from engine.schedule import lr_at
-from engine.split import cap_kinds, pin_eval_subset, split_train_eval
+from engine.split import cap_kinds, check_disjoint, pin_eval_subset, split_train_eval
 
 log = logging.getLogger("engine")
 
@@ -63,8 +64,30 @@ def check_inputs(recipe: Recipe) -> None:
             raise UserError(f"{key}: {path}: file not found")
 
 
-def prepare_run_dir(recipe: Recipe, overrides: list[str]) -> Path:
-    """The run directory, fresh or to resume; a resumed one must hold the same recipe."""
+def data_fingerprints(recipe: Recipe, n_train: int, n_eval: Optional[int]) -> dict:
+    """sha256 and row count of the data files a run reads: a resumed run must read the same rows."""
+    import hashlib
+    prints = {}
+    for key, path, rows in (("data.train", recipe.data.train, n_train), ("data.eval", recipe.data.eval, n_eval)):
+        if path:
+            prints[key] = {"path": path, "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(), "rows": rows}
+    return prints
+
+
+def check_same_data(stored_path: Path, prints: dict) -> None:
+    stored = json.loads(stored_path.read_text(encoding="utf-8"))
+    for key in sorted(set(stored) | set(prints)):
+        old, new = stored.get(key), prints.get(key)
+        if (old or {}).get("sha256") != (new or {}).get("sha256"):
+            def show(p):
+                return f"sha256 {p['sha256'][:12]}, {p['rows']} rows" if p else "none"
+            raise UserError(f"{key}: {(new or old)['path']} is not the data this run started with (then "
+                            f"{show(old)}, now {show(new)}); restore it, or start over with train.resume=false")
+
+
+def prepare_run_dir(recipe: Recipe, data_prints: dict) -> Path:
+    """The run directory, fresh or to resume; a resumed one must hold the same recipe and the same data.
+    Nothing is written here: `record_run` does that once every check has passed."""
     run_dir = Path(recipe.output_dir)
     if not recipe.train.resume and run_dir.exists() and any(run_dir.iterdir()):
         n = 1
@@ -72,10 +95,8 @@ def prepare_run_dir(recipe: Recipe, overrides: list[str]) -> Path:
             n += 1
         run_dir = Path(f"{run_dir}-{n}")
         recipe.output_dir = str(run_dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"output_dir: cannot create {run_dir}: {e.strerror}") from None
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"output_dir: {run_dir} is a file, not a directory")
     stored_path = run_dir / "recipe.yaml"
     current = _flatten(recipe_to_dict(recipe))
     if stored_path.exists():
@@ -84,11 +105,20 @@ def prepare_run_dir(recipe: Recipe, overrides: list[str]) -> Path:
             if key not in ("train.resume", "output_dir") and stored.get(key) != current.get(key):
                 raise UserError(f"{stored_path}: this run was made with {key}={stored.get(key)!r}, now "
                                 f"{current.get(key)!r}; resume with the same recipe, or set train.resume=false")
-    header = "".join(f"# override: {o}\n" for o in overrides)
-    tmp = stored_path.with_suffix(".tmp")
-    tmp.write_text(header + dump_recipe(recipe), encoding="utf-8")
-    tmp.replace(stored_path)
+    if (run_dir / "data.json").exists():
+        check_same_data(run_dir / "data.json", data_prints)
     return run_dir
+
+
+def record_run(run_dir: Path, recipe: Recipe, overrides: list[str], data_prints: dict) -> None:
+    """The resolved recipe (overrides noted at its top) and the data fingerprints, into the run directory."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"output_dir: cannot create {run_dir}: {e.strerror}") from None
+    header = "".join(f"# override: {o}\n" for o in overrides)
+    atomic_write_text(run_dir / "recipe.yaml", header + dump_recipe(recipe))
+    atomic_write_text(run_dir / "data.json", json.dumps(data_prints, indent=1, ensure_ascii=False))
 
 
 class MetricsLog:
@@ -103,9 +133,7 @@ class MetricsLog:
             return
         keep = [line for line in self.path.read_text(encoding="utf-8").splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
-        tmp.replace(self.path)
+        atomic_write_text(self.path, "".join(line + "\n" for line in keep))
 
     def write(self, event: dict) -> None:
         if not self.enabled:
@@ -188,6 +216,8 @@ def run(recipe: Recipe, overrides: list[str] = ()) -> dict:
                         f"the number of ranks ({dist.world_size()})")
     all_train = read_examples(recipe.data.train)
     eval_pool = read_examples(recipe.data.eval) if recipe.data.eval else None
+    if eval_pool is not None:
+        check_disjoint(all_train, eval_pool, recipe.data.train, recipe.data.eval)
     if main:
         ensure_tiny_model(recipe.model, recipe.data.train)
     dist.barrier()
@@ -195,21 +225,36 @@ def run(recipe: Recipe, overrides: list[str] = ()) -> dict:
     train_ex, eval_ex = split_train_eval(all_train, eval_pool, recipe.data.eval_share, recipe.data.eval_size,
                                          recipe.seed)
     train_ex = cap_kinds(train_ex, recipe.data.max_mc, recipe.data.max_subj, recipe.seed)
+    if not train_ex:
+        raise UserError(f"data.train: {recipe.data.train}: no rows left to train on after holding out "
+                        f"{len(eval_ex)} for eval; add rows or give data.eval")
     encoded = encode_all(tokenizer, train_ex, recipe.data.system_prompt, recipe.data.max_len)
     digit_ids = digit_token_ids(tokenizer, encode_prompt(tokenizer, train_ex[0], recipe.data.system_prompt))
     check_labels(recipe.data.train, encoded, digit_ids, tokenizer.eos_token_id)
+    lengths = [len(e.input_ids) for e in encoded]
+    sampler = Sampler([e.kind for e in train_ex], lengths, t, recipe.seed)
+    total_steps = min(sampler.total_steps, t.max_steps) if t.max_steps else sampler.total_steps
 
-    run_dir = Path(dist.gather_objects(str(prepare_run_dir(recipe, list(overrides))) if main else None)[0])
+    prints = data_fingerprints(recipe, len(all_train), None if eval_pool is None else len(eval_pool))
+    run_dir = Path(dist.gather_objects(str(prepare_run_dir(recipe, prints)) if main else None)[0])
     recipe.output_dir = str(run_dir)
+    ckpt_root = run_dir / "checkpoints"
+    saved, skipped = usable_checkpoint(ckpt_root) if t.resume else (None, [])
     if main:
+        record_run(run_dir, recipe, list(overrides), prints)
         setup_logging(run_dir)
         eval_ex = pin_eval_subset(run_dir, eval_ex, eval_pool if eval_pool is not None else all_train)
+        for line in skipped:
+            log.warning("skipping checkpoint %s", line)
+        best_problem = verify(ckpt_root / "best") if (ckpt_root / "best").exists() else None
+        if best_problem:
+            log.warning("%s is damaged (%s): infer.py will refuse it until a better eval rewrites it",
+                        ckpt_root / "best", best_problem)
     else:
         log.disabled = True
     random.seed(recipe.seed)
     np.random.seed(recipe.seed)
     torch.manual_seed(recipe.seed)
-    lengths = [len(e.input_ids) for e in encoded]
     n_mc = sum(e.kind == "mc" for e in train_ex)
     log.info("data: %d train (%d MC, %d subjective), %d eval rows; %d rank(s)", len(train_ex), n_mc,
              len(train_ex) - n_mc, len(eval_ex), dist.world_size())
@@ -223,21 +268,18 @@ def run(recipe: Recipe, overrides: list[str] = ()) -> dict:
     model.train()
     optimizer = make_optimizer(model, recipe)
     torch.manual_seed(recipe.seed + dist.rank())  # the same adapters on every rank, their own dropout masks
-    sampler = Sampler([e.kind for e in train_ex], lengths, t, recipe.seed)
-    total_steps = min(sampler.total_steps, t.max_steps) if t.max_steps else sampler.total_steps
     evaluator = Evaluator(tokenizer, eval_ex, recipe, run_dir) if main else None
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=main)
-    ckpt_root = run_dir / "checkpoints"
 
     state, step = LoopState(), 0
     if main:
         remove_partial_writes(ckpt_root)
     dist.barrier()
-    resume_from = latest_checkpoint(ckpt_root) if t.resume else None
-    if resume_from is not None:
-        saved = load_checkpoint(resume_from, model, optimizer, dist.rank(), dist.world_size())
-        step, state = saved["step"], LoopState(**saved["loop"])
-        log.info("resuming from %s (step %d of %d)", resume_from, step, total_steps)
+    if saved is not None:
+        loaded = apply_checkpoint(saved, model, optimizer, dist.rank(), dist.world_size())
+        step, state = loaded["step"], LoopState(**loaded["loop"])
+        log.info("resuming from %s (step %d of %d)", saved.path, step, total_steps)
+        del saved
     metrics.truncate_after(step)
 
     def checkpoint(at: int) -> None:
@@ -262,8 +304,7 @@ def run(recipe: Recipe, overrides: list[str] = ()) -> dict:
         score = result.get("final_score", -result["eval_loss"])
         if state.best_score is None or score > state.best_score:
             state.best_score, state.best_step, state.evals_without_gain = score, at, 0
-            save_adapter(model, ckpt_root / "best")
-            (ckpt_root / "best" / "best.json").write_text(json.dumps({"step": at, **result}), encoding="utf-8")
+            save_adapter(model, ckpt_root / "best", at, {"best.json": json.dumps({"step": at, **result})})
         else:
             state.evals_without_gain += 1
         shown = {k: round(v, 4) for k, v in result.items() if k in ("eval_loss", "final_score", "mc_accuracy",
@@ -354,7 +395,7 @@ def run(recipe: Recipe, overrides: list[str] = ()) -> dict:
         summary["best"] = json.loads(best_file.read_text(encoding="utf-8"))
     if t.expect_loss_drop > 0:
         summary["overfit_check"] = overfit_verdict(metrics.path, t.expect_loss_drop)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
     print(f"done: {step} steps ({state.stop_reason}), last loss {last_loss:.4f}, best score "
           f"{state.best_score if state.best_score is None else round(state.best_score, 4)} at step "
           f"{state.best_step}, {summary['wall_seconds']} s -> {run_dir}", flush=True)

