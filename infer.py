@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from engine.errors import ArgumentParser, UserError, run_cli
+from engine.quiet import quiet_library_noise
 from engine.faults import fault
 
 
@@ -175,6 +176,7 @@ def write_csv_atomically(path: Path, examples, answers: dict[str, str]) -> None:
 
 
 def main() -> int:
+    quiet_library_noise()
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     args = parse_args()
@@ -195,7 +197,7 @@ def main() -> int:
     from decode.forward import warm_up
     from decode.mc import answer_mc
     from decode.subjective import answer_subjective
-    from engine.data import encode_prompt
+    from engine.data import cut_prompt, encode_prompt, prompt_ids
     from engine.loss import autocast
     from engine.fused_lora import set_lora_forward
     from engine.model import load_adapter, load_base_model, load_tokenizer, merged_for_inference
@@ -219,7 +221,11 @@ def main() -> int:
     device = next(model.parameters()).device
     load_s = time.perf_counter() - t_load
     d, sp, max_len = recipe.decode, recipe.data.system_prompt, recipe.data.max_len
-    prompts = [encode_prompt(tokenizer, ex, sp)[-max_len:] for ex in examples]
+    full_prompts = [encode_prompt(tokenizer, ex, sp) for ex in examples]
+    prompts = [cut_prompt(p, max_len) for p in full_prompts]
+    if cut := sum(len(p) > max_len for p in full_prompts):
+        print(f"{cut} of {len(examples)} prompts cut to data.max_len={max_len} tokens (their start is dropped)",
+              file=sys.stderr)
     t_warm = time.perf_counter()
     with autocast(device):
         warm_up(model, prompts[0], tokenizer.pad_token_id)
@@ -247,7 +253,7 @@ def main() -> int:
                 if kind == "mc":
                     got = [a.choice for a in answer_mc(
                         model, tokenizer, [examples[i] for i in rows],
-                        lambda ex: encode_prompt(tokenizer, ex, sp)[-max_len:], digit_ids, len(rows),
+                        lambda ex: prompt_ids(tokenizer, ex, sp, max_len), digit_ids, len(rows),
                         d.mc_permutations)]
                 else:
                     got = [a.text for a in answer_subjective(

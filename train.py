@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 from engine.errors import ArgumentParser, run_cli
+from engine.quiet import quiet_library_noise
 
 
 def main() -> int:
+    quiet_library_noise()
     parser = ArgumentParser(description="Fine-tune with QLoRA from a recipe.")
     parser.add_argument("recipe", help="recipe YAML, e.g. recipes/setB.yaml")
     parser.add_argument("overrides", nargs="*", help="section.key=value, applied last")

@@ -10,7 +10,8 @@ import torch
 
 from decode.batching import left_pad, length_sorted_batches
 from decode.forward import last_token_logits
-from engine.data import OPTION_LINE, Example
+from engine.data import Example
+from engine.options import rotated
 
 
 @dataclass
@@ -25,17 +26,6 @@ def choice(digit_scores: torch.Tensor, n_options: int) -> str:
     return str(int(digit_scores[:n_options].argmax()) + 1)
 
 
-def rotate_options(question: str, shift: int) -> str:
-    """The question with its option lines rotated by `shift`: new option j shows old option j+shift."""
-    lines = question.splitlines()
-    idx = [i for i, line in enumerate(lines) if OPTION_LINE.match(line)]
-    texts = [OPTION_LINE.sub("", lines[i], count=1) for i in idx]
-    n = len(texts)
-    for j, i in enumerate(idx):
-        lines[i] = f"{j + 1} {texts[(j + shift) % n]}"
-    return "\n".join(lines)
-
-
 @torch.no_grad()
 def answer_mc(model, tokenizer, examples: Sequence[Example], encode: Callable[[Example], list[int]],
               digit_ids: Sequence[int], batch_size: int, permutations: int = 1,
@@ -46,7 +36,7 @@ def answer_mc(model, tokenizer, examples: Sequence[Example], encode: Callable[[E
     jobs = []  # (example index, shift, prompt ids)
     for i, ex in enumerate(examples):
         for shift in range(min(max(1, permutations), ex.n_options)):
-            shown = ex if shift == 0 else replace(ex, question=rotate_options(ex.question, shift))
+            shown = ex if shift == 0 else replace(ex, question=rotated(ex.question, shift))
             jobs.append((i, shift, encode(shown)))
     digits = torch.tensor(list(digit_ids), device=device)
     totals = [torch.zeros(ex.n_options) for ex in examples]

@@ -22,7 +22,8 @@ from typing import Optional
 from engine.errors import UserError, run_cli
 
 Z_5_PERCENT_ONE_SIDED = 1.645
-SHOWN = ("final_score", "mc_accuracy", "subj_score", "mc_format_violation_rate", "subj_len_violation_rate")
+SHOWN = ("final_score", "mc_accuracy", "subj_score", "mc_format_violation_rate", "subj_len_violation_rate",
+         "subj_format_violation_rate")
 
 
 @dataclass
@@ -65,10 +66,12 @@ def verdict(base: dict, run: dict, gate_pp: float) -> tuple[str, str]:
     gains = {k: 100 * (run[k] - base[k]) for k in ("mc_accuracy", "subj_score")}
     reasons = [f"{k} {gains[k]:+.2f} pp >= {gate_pp} pp" for k in gains if gains[k] >= gate_pp]
     for rate, bad, n in (("mc_format_violation_rate", "mc_format_violations", "n_mc"),
-                         ("subj_len_violation_rate", "subj_len_violations", "n_subj")):
+                         ("subj_len_violation_rate", "subj_len_violations", "n_subj"),
+                         ("subj_format_violation_rate", "subj_format_violations", "n_subj")):
         z = two_proportion_z(base.get(bad, 0), base.get(n, 0), run.get(bad, 0), run.get(n, 0))
         if z >= Z_5_PERCENT_ONE_SIDED:
-            reasons.append(f"{rate} fell {100 * base[rate]:.1f}% -> {100 * run[rate]:.1f}% (z={z:.2f}, p<0.05)")
+            reasons.append(f"{rate} fell {100 * base.get(rate, 0):.1f}% -> {100 * run.get(rate, 0):.1f}% "
+                           f"(z={z:.2f}, p<0.05)")
     if reasons:
         return "Go", "; ".join(reasons)
     best_gain = max(gains.values())
@@ -76,26 +79,37 @@ def verdict(base: dict, run: dict, gate_pp: float) -> tuple[str, str]:
                      f"{gains['subj_score']:+.2f}) under {gate_pp} pp, no significant fall in violations")
 
 
-def pp(value: float) -> str:
-    return f"{100 * value:.2f}"
+def pp(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}"
 
 
 def compare_table(base: Run, runs: list[Run], gate_pp: float) -> tuple[str, list[dict]]:
     rows, lines = [], [
         "| run | best step | best final | last final | best MC acc | best subj | MC format viol. | subj len viol."
-        " | Δ final (pp) | Δ MC (pp) | Δ subj (pp) | verdict | reason |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        " | subj format viol. | Δ final (pp) | Δ MC (pp) | Δ subj (pp) | verdict | reason |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in [base] + runs:
         b = r.best
         d = {k: 100 * (b[k] - base.best[k]) for k in ("final_score", "mc_accuracy", "subj_score")}
         v, why = ("baseline", "") if r is base else verdict(base.best, b, gate_pp)
-        rows.append({"run": r.name, "best_step": b["step"], "best": {k: b[k] for k in SHOWN},
-                     "last": {k: r.last[k] for k in SHOWN}, "delta_pp": d, "verdict": v, "reason": why})
+        rows.append({"run": r.name, "best_step": b["step"], "best": {k: b.get(k) for k in SHOWN},
+                     "last": {k: r.last.get(k) for k in SHOWN}, "delta_pp": d, "verdict": v, "reason": why,
+                     "subj_cos_floor": b.get("subj_cos_floor"), "embedder": b.get("embedder")})
         lines.append(f"| {r.name} | {b['step']} | {pp(b['final_score'])} | {pp(r.last['final_score'])} | "
                      f"{pp(b['mc_accuracy'])} | {pp(b['subj_score'])} | {pp(b['mc_format_violation_rate'])} | "
-                     f"{pp(b['subj_len_violation_rate'])} | {d['final_score']:+.2f} | {d['mc_accuracy']:+.2f} | "
-                     f"{d['subj_score']:+.2f} | {v} | {why} |")
-    return "\n".join(lines) + "\n", rows
+                     f"{pp(b['subj_len_violation_rate'])} | {pp(b.get('subj_format_violation_rate'))} | "
+                     f"{d['final_score']:+.2f} | {d['mc_accuracy']:+.2f} | {d['subj_score']:+.2f} | {v} | {why} |")
+    return "\n".join(lines) + "\n" + cos_floor_note(base, runs), rows
+
+
+def cos_floor_note(base: Run, runs: list[Run]) -> str:
+    """The cosine every answer earns on these eval sets, so a reader sees how much of subj_cos is baseline."""
+    floors = [(r.name, r.best.get("subj_cos_floor"), r.best.get("embedder")) for r in [base] + runs]
+    known = [f"{name} {pp(floor)} ({embedder})" for name, floor, embedder in floors if floor is not None]
+    if not known:
+        return ""
+    return ("\nsubj_cos_floor, the mean cosine between different gold answers of the eval set (what an "
+            "answer to another question already earns): " + ", ".join(known) + ".\n")
 
 
 def plot(base: Run, runs: list[Run], out: Path) -> None:
@@ -124,13 +138,13 @@ def checkpoint_report(run: Run) -> str:
     best = run.best["step"]
     lines = [f"# Checkpoint report: {run.path}", "",
              "| step | checkpoint | eval_loss | final | MC acc | subj | subj cos | subj kw | MC format viol. |"
-             " subj len viol. | |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             " subj len viol. | subj format viol. | |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in run.evals:
         mark = "**best**" if e["step"] == best else ""
         lines.append(f"| {e['step']} | {'yes' if e['step'] in ckpts else ''} | {e['eval_loss']:.4f} | "
                      f"{pp(e['final_score'])} | {pp(e['mc_accuracy'])} | {pp(e['subj_score'])} | "
                      f"{pp(e['subj_cos'])} | {pp(e['subj_kw'])} | {pp(e['mc_format_violation_rate'])} | "
-                     f"{pp(e['subj_len_violation_rate'])} | {mark} |")
+                     f"{pp(e['subj_len_violation_rate'])} | {pp(e.get('subj_format_violation_rate'))} | {mark} |")
     return "\n".join(lines) + "\n\nScores in percent; `checkpoints/best/` holds the adapter of the best step.\n"
 
 

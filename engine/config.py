@@ -68,6 +68,9 @@ class DataConfig:
     max_subj: int = 0
     """Train on at most this many subjective rows (a seeded draw; 0 = all)."""
     max_len: int = 1024
+    answer_text_mismatch: str = "error"
+    """An MC answer that quotes an option's text (`3 온라인 송금`) whose text is not option 3's: `error`
+    stops at the row; `warn` keeps the digit and lists the row in the log and summary.json."""
     system_prompt: str = "당신은 금융보안 전문가입니다. 질문에 정확하게 답하세요."
 
 
@@ -194,6 +197,7 @@ class Recipe:
 
 CHOICES = {
     "model.quant": ("nf4", "none"),
+    "data.answer_text_mismatch": ("error", "warn"),
     "train.scheduler": ("linear", "cosine", "constant"),
     "train.optimizer": ("adamw", "paged_adamw_8bit"),
     "train.loss_weighting": ("token", "example"),

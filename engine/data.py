@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import csv
 import io
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
 from engine.errors import UserError
+from engine.options import option_lines, options_problem, normalized, parse_quoted_answer
 
-OPTION_LINE = re.compile(r"^\s*([1-9][0-9]?)\s")
 MAX_QUESTION_CHARS = 8_000
 """FSKU's questions run to a few hundred characters; a longer one is a broken cell, not a question."""
 
@@ -28,16 +27,18 @@ class Example:
     n_options: int = 0
     keywords: list[str] = field(default_factory=list)
     row: int = 0
+    domain: str = ""
+    answer_quoted: bool = False
+    """The MC answer was written with its option's text (`3 온라인 송금`), checked and made the digit."""
+    answer_note: str = ""
+    """Why the answer as written was not taken as is (a quoted option text that did not match, under
+    `data.answer_text_mismatch=warn`); empty when it was."""
 
 
 def option_count(question: str) -> int:
-    """Number of option lines (`1 파일 암호화`); a question with fewer than two is subjective."""
-    n = sum(1 for line in question.splitlines() if OPTION_LINE.match(line))
+    """Number of option lines (`1 ...`, `1. ...`, `1) ...`, `(1) ...`, `① ...`); fewer than two: subjective."""
+    n = len(option_lines(question))
     return n if n >= 2 else 0
-
-
-def option_numbers(question: str) -> list[int]:
-    return [int(m.group(1)) for line in question.splitlines() if (m := OPTION_LINE.match(line))]
 
 
 def read_table(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
@@ -84,8 +85,14 @@ def parse_keywords(text: str) -> list[str]:
     return [k.strip() for k in text.split(",") if k.strip()]
 
 
-def read_examples(path: str | Path, require_answer: bool = True) -> list[Example]:
-    """Read a FSKU-style CSV. `require_answer=False` reads a test file (ID, Question)."""
+def read_examples(path: str | Path, require_answer: bool = True, answer_text_mismatch: str = "error"
+                  ) -> list[Example]:
+    """Read a FSKU-style CSV. `require_answer=False` reads a test file (ID, Question).
+
+    An MC answer that quotes its option (`3 온라인 송금`) becomes the digit when the text is that
+    option's; otherwise it is an error, or with `answer_text_mismatch="warn"` the digit is kept and the
+    example's `answer_note` says why.
+    """
     path = Path(path)
     header, rows = read_table(path)
     needed = ["Question", "Answer"] if require_answer else ["ID", "Question"]
@@ -108,26 +115,44 @@ def read_examples(path: str | Path, require_answer: bool = True) -> list[Example
             raise UserError(f"{where}, column Question: empty question")
         if len(question) > MAX_QUESTION_CHARS:
             raise UserError(f"{where}, column Question: {len(question)} characters (limit {MAX_QUESTION_CHARS})")
-        n_opt = option_count(question)
-        numbers = option_numbers(question)
-        if n_opt and numbers != list(range(1, n_opt + 1)):
-            raise UserError(f"{where}, column Question: option lines numbered {numbers}, expected 1..{n_opt} in order")
+        options = option_lines(question) if option_count(question) else []
+        if options and (problem := options_problem(options)):
+            raise UserError(f"{where}, column Question: {problem}")
+        if len(options) > 9:
+            raise UserError(f"{where}, column Question: {len(options)} options; answers are one digit, 1..9")
         answer = _cell(path, header, cells, row, line, "Answer") if "Answer" in header else None
+        quoted, note = False, ""
         if require_answer:
-            answer = _check_answer(answer, n_opt, where)
+            answer, quoted, note = _check_answer(answer, [o.text for o in options], where, answer_text_mismatch)
         keywords = parse_keywords(_cell(path, header, cells, row, line, "Keyword")) if "Keyword" in header else []
-        examples.append(Example(ex_id, question.strip(), answer, "mc" if n_opt else "subj", n_opt, keywords, row))
+        domain = _cell(path, header, cells, row, line, "Domain").strip() if "Domain" in header else ""
+        examples.append(Example(ex_id, question.strip(), answer, "mc" if options else "subj", len(options),
+                                keywords, row, domain, quoted, note))
     return examples
 
 
-def _check_answer(answer: str, n_opt: int, where: str) -> str:
-    if n_opt:
-        if answer.strip() != answer or not (answer.isdigit() and len(answer) == 1 and 1 <= int(answer) <= n_opt):
-            raise UserError(f"{where}, column Answer: multiple-choice answer must be one digit 1..{n_opt}, got {answer!r}")
-        return answer
-    if not answer.strip():
-        raise UserError(f"{where}, column Answer: empty answer")
-    return answer
+def _check_answer(answer: str, options: list[str], where: str, on_mismatch: str) -> tuple[str, bool, str]:
+    """(the answer to train on, whether it quoted an option's text, a note when that text was overruled)."""
+    if not options:
+        if not answer.strip():
+            raise UserError(f"{where}, column Answer: empty answer")
+        return answer, False, ""
+    quoted = parse_quoted_answer(answer) if answer.strip() == answer else None
+    if quoted is None or not 1 <= quoted.number <= len(options):
+        raise UserError(f"{where}, column Answer: multiple-choice answer must be one digit 1..{len(options)}, "
+                        f"got {answer!r} (or the digit and its option's text)")
+    digit = str(quoted.number)
+    if not quoted.text:
+        return digit, False, ""
+    if normalized(quoted.text) == normalized(options[quoted.number - 1]):
+        return digit, True, ""
+    others = [i + 1 for i, text in enumerate(options) if normalized(text) == normalized(quoted.text)]
+    named = f"option {others[0]}'s text" if others else "no option's text"
+    problem = (f"answer {answer!r} quotes {named}; option {digit} is {options[quoted.number - 1]!r}")
+    if on_mismatch == "error":
+        raise UserError(f"{where}, column Answer: {problem} (fix the row, or set data.answer_text_mismatch=warn "
+                        f"to keep the digit)")
+    return digit, True, f"{where}: {problem}; kept {digit}"
 
 
 # --- prompts -------------------------------------------------------------------------------------------
@@ -153,6 +178,8 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]  # -100 on the prompt
     example: Example
+    truncated: bool = False
+    """The prompt's start (or the answer's end) was cut to fit `data.max_len`."""
 
     @property
     def n_answer_tokens(self) -> int:
@@ -167,12 +194,23 @@ def encode_example(tokenizer, ex: Example, system_prompt: str, max_len: int) -> 
     """Prompt and answer are tokenized apart, so the answer's first token is exactly what decoding sees next."""
     prompt = encode_prompt(tokenizer, ex, system_prompt)
     answer = tokenizer.encode(ex.answer, add_special_tokens=False) + [tokenizer.eos_token_id]
+    truncated = len(prompt) + len(answer) > max_len
     if len(answer) >= max_len:
         answer = answer[: max_len // 2 - 1] + [tokenizer.eos_token_id]
     if len(prompt) + len(answer) > max_len:
-        # Keep the end of the prompt (question tail, options, answer prefix): the start is the system turn.
-        prompt = prompt[len(prompt) + len(answer) - max_len:]
-    return Encoded(prompt + answer, [-100] * len(prompt) + answer, ex)
+        prompt = cut_prompt(prompt, max_len - len(answer))
+    return Encoded(prompt + answer, [-100] * len(prompt) + answer, ex, truncated)
+
+
+def prompt_ids(tokenizer, ex: Example, system_prompt: str, max_len: int) -> list[int]:
+    """The prompt decoding sees: `encode_prompt`, cut to `max_len` as training cuts it."""
+    return cut_prompt(encode_prompt(tokenizer, ex, system_prompt), max_len)
+
+
+def cut_prompt(prompt: list[int], max_len: int) -> list[int]:
+    """The prompt's last `max_len` tokens: the end holds the question's tail, its options and the answer
+    prefix; the start is the system turn."""
+    return prompt[-max_len:] if len(prompt) > max_len else prompt
 
 
 def encode_all(tokenizer, examples: Sequence[Example], system_prompt: str, max_len: int) -> list[Encoded]:

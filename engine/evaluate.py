@@ -20,7 +20,7 @@ from engine.config import Recipe
 from engine.errors import UserError
 from engine.files import atomic_write_text
 from engine.fused_lora import lora_merged_on_the_fly
-from engine.data import Encoded, Example, encode_all, encode_prompt
+from engine.data import Encoded, Example, encode_all, prompt_ids
 from engine.loss import answer_positions, autocast, collate
 from metrics.embedders import load_embedder
 from metrics.score import Gold, Prediction, ScoreConfig, score
@@ -145,7 +145,7 @@ class Evaluator:
         return Decoded(preds, t1 - t0, t2 - t1)
 
     def encode_prompt(self, ex: Example) -> list[int]:
-        return encode_prompt(self.tokenizer, ex, self.recipe.data.system_prompt)[-self.recipe.data.max_len:]
+        return prompt_ids(self.tokenizer, ex, self.recipe.data.system_prompt, self.recipe.data.max_len)
 
     def loss_and_answers(self, model) -> tuple[float, Optional[Decoded]]:
         """eval_loss and, with eval.generate, every row's answer: one teacher-forced pass gives the loss and

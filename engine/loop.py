@@ -27,7 +27,7 @@ from engine import distributed as dist
 from engine.checkpoint import (apply_checkpoint, latest_checkpoint, remove_partial_writes, rng_state, save_adapter,
                                save_checkpoint, usable_checkpoint, verify)
 from engine.config import Recipe, dump_recipe, recipe_to_dict
-from engine.data import encode_all, encode_prompt, read_examples
+from engine.data import Encoded, Example, encode_all, encode_prompt, read_examples
 from engine.errors import TrainingError, UserError
 from engine.evaluate import Evaluator
 from engine.faults import fault
@@ -201,6 +201,23 @@ def overfit_verdict(metrics_path: Path, expected_drop: float) -> dict:
                       f"{'at least' if verdict == 'PASS' else 'under'} the {100 * expected_drop:.0f}% asked"}
 
 
+def data_notes(examples: list[Example], train: list[Encoded], eval_rows: list[Encoded], max_len: int) -> dict:
+    """What the data as read differs from the data as written, logged once and kept in summary.json:
+    answers whose quoted option text was overruled, and rows cut to `data.max_len`."""
+    mismatches = [e.answer_note for e in examples if e.answer_note]
+    agreeing = sum(1 for e in examples if e.answer_quoted and not e.answer_note)
+    if mismatches:
+        log.warning("%d MC answers quote another option's text or none; kept their digit "
+                    "(data.answer_text_mismatch=warn), %d quote their own option:\n  %s",
+                    len(mismatches), agreeing, "\n  ".join(mismatches))
+    cut = {"train": sum(e.truncated for e in train), "eval": sum(e.truncated for e in eval_rows)}
+    if any(cut.values()):
+        log.warning("cut to data.max_len=%d tokens (prompt start dropped): %d of %d train rows, %d of %d eval rows",
+                    max_len, cut["train"], len(train), cut["eval"], len(eval_rows))
+    return {"answer_text_mismatches": mismatches, "answers_quoting_their_option": agreeing,
+            "truncated_train": cut["train"], "truncated_eval": cut["eval"], "max_len": max_len}
+
+
 # --- the run -------------------------------------------------------------------------------------------
 
 def run(recipe: Recipe, overrides: list[str] = ()) -> dict:
@@ -214,8 +231,9 @@ def run(recipe: Recipe, overrides: list[str] = ()) -> dict:
     if t.micro_batch * t.grad_accum < dist.world_size():
         raise UserError(f"train.micro_batch x train.grad_accum ({t.micro_batch * t.grad_accum}) must be at least "
                         f"the number of ranks ({dist.world_size()})")
-    all_train = read_examples(recipe.data.train)
-    eval_pool = read_examples(recipe.data.eval) if recipe.data.eval else None
+    on_mismatch = recipe.data.answer_text_mismatch
+    all_train = read_examples(recipe.data.train, answer_text_mismatch=on_mismatch)
+    eval_pool = read_examples(recipe.data.eval, answer_text_mismatch=on_mismatch) if recipe.data.eval else None
     if eval_pool is not None:
         check_disjoint(all_train, eval_pool, recipe.data.train, recipe.data.eval)
     if main:
@@ -269,6 +287,8 @@ def run(recipe: Recipe, overrides: list[str] = ()) -> dict:
     optimizer = make_optimizer(model, recipe)
     torch.manual_seed(recipe.seed + dist.rank())  # the same adapters on every rank, their own dropout masks
     evaluator = Evaluator(tokenizer, eval_ex, recipe, run_dir) if main else None
+    notes = data_notes(all_train + (eval_pool or []), encoded, evaluator.encoded if main else [],
+                       recipe.data.max_len)
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=main)
 
     state, step = LoopState(), 0
@@ -300,6 +320,10 @@ def run(recipe: Recipe, overrides: list[str] = ()) -> dict:
     def evaluate_here(at: int) -> bool:
         result = evaluator(model, at, on_decoded=lambda: fault("kill-eval", at))
         metrics.write({"event": "eval", "step": at, **result})
+        if not state.last_eval_step and result.get("subj_cos_floor") is not None:
+            log.info("subj_cos_floor %.4f (%s): the cosine an answer to another question of this eval set "
+                     "already earns; subj_cos above it is what the answers say", result["subj_cos_floor"],
+                     result["embedder"])
         state.last_eval_step = at
         score = result.get("final_score", -result["eval_loss"])
         if state.best_score is None or score > state.best_score:
@@ -389,7 +413,7 @@ def run(recipe: Recipe, overrides: list[str] = ()) -> dict:
         return {"steps": step, "stop_reason": state.stop_reason}
     summary = {"steps": step, "total_steps": total_steps, "stop_reason": state.stop_reason,
                "best_step": state.best_step, "best_score": state.best_score, "last_loss": last_loss,
-               "wall_seconds": round(time.perf_counter() - started, 1), "run_dir": str(run_dir)}
+               "wall_seconds": round(time.perf_counter() - started, 1), "run_dir": str(run_dir), "data": notes}
     best_file = ckpt_root / "best" / "best.json"
     if best_file.exists():
         summary["best"] = json.loads(best_file.read_text(encoding="utf-8"))

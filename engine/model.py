@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.utils.checkpoint
@@ -90,6 +89,16 @@ def load_base_model(cfg: ModelConfig):
     return model
 
 
+def enable_checkpointing(model, kwargs: dict) -> None:
+    """transformers' gradient checkpointing, by its name in the installed version (renamed in 5.x,
+    where the old name warns)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def add_lora(model, cfg: LoraConfig, gradient_checkpointing: bool):
     """Wrap `model` with fresh LoRA adapters on `cfg.targets`; only they are trainable."""
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
@@ -101,7 +110,7 @@ def add_lora(model, cfg: LoraConfig, gradient_checkpointing: bool):
     if gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad, so the frozen embeddings
         # stay as they are (no enable_input_require_grads hook).
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model, {"use_reentrant": False})
     peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                               target_modules=list(cfg.targets), bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, peft_cfg)
@@ -132,17 +141,36 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
-def ensure_tiny_model(cfg: ModelConfig, texts_source: Optional[str]) -> None:
-    """Build the offline tiny model at `model.path` on first use when the recipe asks for it."""
-    if not cfg.build_tiny or (Path(cfg.path) / "config.json").is_file():
+TINY_SOURCE = "tiny_source.json"
+"""Beside a tiny model: the data file it was built from and that file's sha256."""
+
+
+def ensure_tiny_model(cfg: ModelConfig, texts_source: str) -> None:
+    """Build the offline tiny model at `model.path` on first use when the recipe asks for it. Its
+    tokenizer is trained on the data, so a tiny model built from other data is refused, never reused."""
+    if not cfg.build_tiny:
+        return
+    import hashlib
+
+    path = Path(cfg.path)
+    source = {"data": str(texts_source), "sha256": hashlib.sha256(Path(texts_source).read_bytes()).hexdigest()}
+    if (path / "config.json").is_file():
+        record = path / TINY_SOURCE
+        built = json.loads(record.read_text(encoding="utf-8")) if record.is_file() else None
+        if built is None or built.get("sha256") != source["sha256"]:
+            what = (f"from {built['data']} (sha256 {built['sha256'][:12]})" if built else
+                    f"without a record of its data ({TINY_SOURCE})")
+            raise UserError(f"model.path: {path} is a tiny model built {what}, not from {texts_source} "
+                            f"(sha256 {source['sha256'][:12]}); give this data its own, "
+                            f"model.path={path}-{Path(texts_source).stem}, or delete {path} to rebuild it")
         return
     from engine.data import read_examples
     from engine.tiny import build_tiny_model
 
-    examples = read_examples(texts_source)
+    examples = read_examples(texts_source, answer_text_mismatch="warn")
     log.info("building the tiny offline model at %s from %s", cfg.path, texts_source)
     texts = [e.question for e in examples] + [e.answer for e in examples if e.kind == "subj"]
-    build_tiny_model(cfg.path, texts)
+    build_tiny_model(cfg.path, texts, extra_files={TINY_SOURCE: json.dumps(source, ensure_ascii=False)})
 
 
 def keep_activations(model, n: int) -> None:

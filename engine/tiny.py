@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional
 
 SPECIAL_TOKENS = (
     ["<|endoftext|>", "<|pad|>", "<|unk|>", "<|sep|>", "<|mask|>", "<|cls|>", "<|image|>", "<|audio|>",
@@ -62,8 +62,10 @@ def pretrain(model, tokenizer, texts: list[str], steps: int = PRETRAIN_STEPS, ba
     model.eval()
 
 
-def build_tiny_model(out_dir: str | Path, texts: list[str], seed: int = 0) -> Path:
-    """Write a tiny random Qwen2 model and its tokenizer to `out_dir` (atomically: all or nothing)."""
+def build_tiny_model(out_dir: str | Path, texts: list[str], seed: int = 0, extra_files: Optional[dict[str, str]] = None
+                     ) -> Path:
+    """Write a tiny random Qwen2 model, its tokenizer and `extra_files` (name -> text) to `out_dir`
+    (atomically: all or nothing)."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -79,6 +81,8 @@ def build_tiny_model(out_dir: str | Path, texts: list[str], seed: int = 0) -> Pa
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
         if out_dir.exists():  # another process built it meanwhile: keep theirs
             shutil.rmtree(tmp)
         else:

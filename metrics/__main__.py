@@ -6,6 +6,7 @@ from pathlib import Path
 
 from engine.data import Example, read_examples, read_table
 from engine.errors import ArgumentParser, UserError, run_cli
+from engine.quiet import quiet_library_noise
 from metrics.embedders import load_embedder
 from metrics.score import Gold, Prediction, ScoreConfig, score
 
@@ -56,6 +57,7 @@ def gold_of(ex: Example) -> Gold:
 
 
 def main() -> int:
+    quiet_library_noise()
     parser = ArgumentParser(prog="python -m metrics")
     sub = parser.add_subparsers(dest="command", required=True)
     sc = sub.add_parser("score", help="score a prediction CSV against a gold CSV")

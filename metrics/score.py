@@ -7,9 +7,14 @@ subj_score = cos_weight*subj_cos + (1-cos_weight)*subj_kw; final_score = mc_weig
 When one kind has no rows at all, final_score is the other kind's score alone.
 mc_format_violation_rate: MC rows whose raw output (before any forcing) is not one allowed digit.
 subj_len_violation_rate: subjective rows over the sentence, character or token cap.
+subj_format_violation_rate: subjective rows answered with nothing, a bare number or undecodable text (U+FFFD).
+subj_cos_floor: the mean cosine of each gold answer against the set's other gold answers, with `embedder`
+naming the model: what an answer about something else already earns, so the room above it is what
+subj_cos can measure (None with fewer than two subjective rows).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -57,6 +62,24 @@ def is_allowed_digit(text: str, n_options: int) -> bool:
     return len(s) == 1 and s.isdigit() and 1 <= int(s) <= n_options
 
 
+_BARE_NUMBER = re.compile(r"[\d①-⑩]+(?:[.,]\d+)*[.)]?")
+
+
+def is_subj_format_violation(text: str) -> bool:
+    """Not an answer in words: empty, a bare number (`3`, `3.`, `①`), or undecodable bytes (U+FFFD)."""
+    s = text.strip()
+    return not s or bool(_BARE_NUMBER.fullmatch(s)) or "\ufffd" in s
+
+
+def cos_floor(gold_vecs: np.ndarray) -> Optional[float]:
+    """Mean cosine over ordered pairs of distinct rows (vectors L2-normalised)."""
+    n = len(gold_vecs)
+    if n < 2:
+        return None
+    total = gold_vecs.sum(0)
+    return float((total @ total - (gold_vecs * gold_vecs).sum()) / (n * (n - 1)))
+
+
 def _mean(values: Sequence[float]) -> float:
     return float(np.mean(values)) if len(values) else 0.0
 
@@ -98,7 +121,8 @@ def score(golds: Sequence[Gold], preds: Sequence[Prediction], embedder, config: 
                         or (p.n_tokens is not None and p.n_tokens > config.max_tokens))
             rows.append({"id": g.id, "kind": "subj", "pred": text, "gold": g.answer, "cos": cos, "kw": kw,
                          "score": config.cos_weight * cos + (1 - config.cos_weight) * kw,
-                         "len_violation": too_long, "keyword_source": "column" if phrases else "answer"})
+                         "len_violation": too_long, "format_violation": is_subj_format_violation(text),
+                         "keyword_source": "column" if phrases else "answer"})
 
     mc_rows = [r for r in rows if r["kind"] == "mc"]
     subj_rows = [r for r in rows if r["kind"] == "subj"]
@@ -115,10 +139,14 @@ def score(golds: Sequence[Gold], preds: Sequence[Prediction], embedder, config: 
         "final_score": final,
         "mc_format_violation_rate": _mean([float(r["format_violation"]) for r in mc_rows]),
         "subj_len_violation_rate": _mean([float(r["len_violation"]) for r in subj_rows]),
+        "subj_format_violation_rate": _mean([float(r["format_violation"]) for r in subj_rows]),
+        "subj_cos_floor": cos_floor(gold_vecs) if subj else None,
+        "embedder": getattr(embedder, "name", type(embedder).__name__),
         "n_mc": len(mc_rows), "n_subj": len(subj_rows),
         "mc_correct": int(sum(r["correct"] for r in mc_rows)),
         "mc_format_violations": sum(r["format_violation"] for r in mc_rows),
         "subj_len_violations": sum(r["len_violation"] for r in subj_rows),
+        "subj_format_violations": sum(r["format_violation"] for r in subj_rows),
         "subj_kw_from_column": sum(r["keyword_source"] == "column" for r in subj_rows),
     }
     order = {g.id: i for i, g in enumerate(golds)}

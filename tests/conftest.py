@@ -2,13 +2,17 @@
 from ../shared when it is there (tests that need it skip cleanly otherwise)."""
 from __future__ import annotations
 
+import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from engine.quiet import quiet_library_noise
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "sample.csv"
@@ -17,6 +21,7 @@ AX_TOKENIZER = SHARED / "models" / "ax4-light-tokenizer"
 FSKU_DEV = SHARED / "data" / "fsku" / "fsku_dev.csv"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+quiet_library_noise()  # the in-process tests see what the command lines see
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +62,27 @@ def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 300) -> subprocess.Comp
 
 
 def tiny_overrides(tiny_model: Path, out: Path, *extra: str) -> list[str]:
-    return [f"model.path={tiny_model}", f"data.train={SAMPLE}", f"output_dir={out}", *extra]
+    """The tiny recipe on the session's tiny model, already built (from the sample data): tests that train it
+    on other data use it as it is."""
+    return [f"model.path={tiny_model}", "model.build_tiny=false", f"data.train={SAMPLE}", f"output_dir={out}",
+            *extra]
+
+
+def write_csv(path: Path, rows: list[list[str]], header=("ID", "Question", "Answer")) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+LIBRARY_NOISE = re.compile(r"Warning|warnings\.warn|Failed to load|deprecated")
+
+
+def assert_no_library_warnings(stderr: str) -> None:
+    """What a normal run prints is ours: no library warning or deprecation notice."""
+    noisy = [line for line in stderr.splitlines() if LIBRARY_NOISE.search(line)]
+    assert not noisy, noisy
 
 
 def events(run_dir: Path, kind: str) -> list[dict]:

@@ -168,7 +168,8 @@ def test_bad_recipe(case, tiny_model, tmp_path, capsys, no_model_load):
     text, overrides, message = BAD_RECIPES[case]
     recipe = write(tmp_path, "r.yaml", text.format(root=ROOT))
     write(tmp_path, "other.yaml", "extends: r.yaml\n")
-    train_fails([str(recipe), f"model.path={tiny_model}", f"output_dir={tmp_path / 'run'}", *overrides], capsys,
+    train_fails([str(recipe), f"model.path={tiny_model}", "model.build_tiny=false", f"output_dir={tmp_path / 'run'}",
+                 *overrides], capsys,
                 message)
     assert not (tmp_path / "run").exists()
 
@@ -216,6 +217,7 @@ def test_bad_run_directory(case, finished_run, tiny_model, tmp_path, capsys, no_
     data = tmp_path / "train.csv"
     shutil.copy(SAMPLE, data)
     args = ["recipes/tiny.yaml", f"model.path={tiny_model}", f"data.train={SAMPLE}", f"output_dir={out}",
+            "model.build_tiny=false",
             "train.max_steps=12", "eval.every_steps=6", "checkpoint.at_steps=[6]"]
     ckpts = out / "checkpoints"
     if case == "made by another recipe":

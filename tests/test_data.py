@@ -1,20 +1,8 @@
-import csv
-from pathlib import Path
-
 import pytest
 
-from conftest import SAMPLE
+from conftest import SAMPLE, write_csv
 from engine.data import encode_example, option_count, prompt_text, read_examples
 from engine.errors import UserError
-
-
-def write_csv(path: Path, rows: list[list[str]], header=("ID", "Question", "Answer")) -> Path:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    return path
-
 
 MC_Q = "질문?\n1 가\n2 나\n3 다\n4 라"
 

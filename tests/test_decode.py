@@ -1,11 +1,10 @@
-from dataclasses import replace
-
 import pytest
 import torch
 
 from conftest import SAMPLE
 from decode.digits import digit_token_ids
-from decode.mc import answer_mc, rotate_options
+from decode.mc import answer_mc
+from engine.options import rotated
 from decode.subjective import answer_subjective
 from engine.config import ModelConfig
 from engine.data import Example, encode_prompt, read_examples
@@ -42,8 +41,12 @@ def test_a_tokenizer_that_merges_digits_is_an_error():
 
 def test_rotate_options():
     q = "질문?\n1 가\n2 나\n3 다\n4 라"
-    assert rotate_options(q, 1) == "질문?\n1 나\n2 다\n3 라\n4 가"
-    assert rotate_options(q, 0) == q
+    assert rotated(q, 1) == "질문?\n1 나\n2 다\n3 라\n4 가"
+    assert rotated(q, 0) == q
+    # every style keeps its own markers and spacing; only the texts move
+    assert rotated("질문?\n ① 가\n ② 나\n ③ 다", 2) == "질문?\n ① 다\n ② 가\n ③ 나"
+    assert rotated("질문?\n(1) 가\n(2) 나", 1) == "질문?\n(1) 나\n(2) 가"
+    assert rotated("질문?\n1. 가\n2. 나\n뒤 문장", 1) == "질문?\n1. 나\n2. 가\n뒤 문장"
 
 
 def test_mc_answers_are_always_allowed_digits(model, tiny_tokenizer):

