@@ -112,6 +112,21 @@ def cos_floor_note(base: Run, runs: list[Run]) -> str:
             "answer to another question already earns): " + ", ".join(known) + ".\n")
 
 
+def domain_tables(runs: list[Run]) -> str:
+    """Per run, its best eval's scores per domain (when the eval data has a Domain column)."""
+    parts = []
+    for r in runs:
+        domains = r.best.get("by_domain")
+        if not domains:
+            continue
+        lines = [f"\n### {r.name}, step {r.best['step']}: by domain\n", "| domain | MC rows | subjective rows | final | "
+                 "MC acc | subj |", "|---|---|---|---|---|---|"]
+        lines += [f"| {d} | {v['n_mc']} | {v['n_subj']} | {pp(v['final_score'])} | {pp(v['mc_accuracy'])} | "
+                  f"{pp(v['subj_score'])} |" for d, v in domains.items()]
+        parts.append("\n".join(lines) + "\n")
+    return "".join(parts)
+
+
 def plot(base: Run, runs: list[Run], out: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -156,7 +171,7 @@ def write_comparison(base_dir: Path, run_dirs: list[Path], out: Optional[Path], 
     text = (f"# Sensitivity comparison\n\nBaseline: `{base_dir}`. Scores in percent, at each run's best eval "
             f"(by final_score); Δ in percentage points against the baseline's best. Gate: {gate_pp} pp on MC "
             f"accuracy or subjective score, or a significant fall in a format-violation rate (one-sided "
-            f"two-proportion z-test, 5%).\n\n{table}\n![curves](compare.png)\n")
+            f"two-proportion z-test, 5%).\n\n{table}{domain_tables([base] + runs)}\n![curves](compare.png)\n")
     (out / "compare.md").write_text(text, encoding="utf-8")
     (out / "compare.json").write_text(json.dumps(rows, indent=2, ensure_ascii=False), encoding="utf-8")
     plot(base, runs, out / "compare.png")

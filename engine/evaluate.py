@@ -95,7 +95,7 @@ class Evaluator:
         self.prompts = [self.encode_prompt(ex) for ex in examples]
         self.digit_ids = digit_token_ids(tokenizer, self.prompts[0]) if examples else []
         self._embedder = None
-        self.golds = [Gold(e.id, e.kind, e.answer, e.n_options, e.keywords) for e in examples]
+        self.golds = [Gold.of(e) for e in examples]
 
     @property
     def embedder(self):

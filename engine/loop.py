@@ -27,6 +27,7 @@ from engine import distributed as dist
 from engine.checkpoint import (apply_checkpoint, latest_checkpoint, remove_partial_writes, rng_state, save_adapter,
                                save_checkpoint, usable_checkpoint, verify)
 from engine.config import Recipe, dump_recipe, recipe_to_dict
+from engine.curves import write_curves
 from engine.data import Encoded, Example, encode_all, encode_prompt, read_examples
 from engine.errors import TrainingError, UserError
 from engine.evaluate import Evaluator
@@ -218,6 +219,19 @@ def data_notes(examples: list[Example], train: list[Encoded], eval_rows: list[En
             "truncated_train": cut["train"], "truncated_eval": cut["eval"], "max_len": max_len}
 
 
+def learning_line(metrics: Path) -> str:
+    """What the run learned, first eval against the best: `learned: mc_accuracy 0.23 -> 0.86, ...`."""
+    from engine.curves import best_eval, read_events
+
+    evals = [e for e in read_events(metrics)[1] if "final_score" in e]
+    if len(evals) < 2:
+        return ""
+    first, best = evals[0], best_eval(evals)
+    keys = (["mc_accuracy"] if first["n_mc"] else []) + (["subj_score"] if first["n_subj"] else []) + ["final_score"]
+    shown = ", ".join(f"{k} {first[k]:.2f} -> {best[k]:.2f}" for k in keys)
+    return f"learned: {shown} (eval at step {first['step']} -> the best, step {best['step']})"
+
+
 # --- the run -------------------------------------------------------------------------------------------
 
 def run(recipe: Recipe, overrides: list[str] = ()) -> dict:
@@ -331,6 +345,7 @@ def run(recipe: Recipe, overrides: list[str] = ()) -> dict:
             save_adapter(model, ckpt_root / "best", at, {"best.json": json.dumps({"step": at, **result})})
         else:
             state.evals_without_gain += 1
+        write_curves(run_dir, recipe.name)
         shown = {k: round(v, 4) for k, v in result.items() if k in ("eval_loss", "final_score", "mc_accuracy",
                                                                     "subj_score")}
         log.info("eval at step %d: %s", at, shown)
@@ -420,9 +435,12 @@ def run(recipe: Recipe, overrides: list[str] = ()) -> dict:
     if t.expect_loss_drop > 0:
         summary["overfit_check"] = overfit_verdict(metrics.path, t.expect_loss_drop)
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
+    write_curves(run_dir, recipe.name)
     print(f"done: {step} steps ({state.stop_reason}), last loss {last_loss:.4f}, best score "
           f"{state.best_score if state.best_score is None else round(state.best_score, 4)} at step "
           f"{state.best_step}, {summary['wall_seconds']} s -> {run_dir}", flush=True)
+    if learned := learning_line(metrics.path):
+        print(learned, flush=True)
     if "overfit_check" in summary:
         print(f"mini-overfit: {summary['overfit_check']['verdict']} ({summary['overfit_check']['reason']})",
               flush=True)

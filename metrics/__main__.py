@@ -52,10 +52,6 @@ def pair(gold_path: Path, pred_path: Path) -> tuple[list[Example], list[str]]:
     return golds, [by_id[g.id] for g in golds]
 
 
-def gold_of(ex: Example) -> Gold:
-    return Gold(ex.id, ex.kind, ex.answer, ex.n_options, ex.keywords)
-
-
 def main() -> int:
     quiet_library_noise()
     parser = ArgumentParser(prog="python -m metrics")
@@ -71,7 +67,7 @@ def main() -> int:
                     help="where gold keywords come from (see metrics/score.py)")
     args = parser.parse_args()
     golds, answers = pair(args.gold, args.pred)
-    summary, rows = score([gold_of(g) for g in golds], [Prediction(g.id, a) for g, a in zip(golds, answers)],
+    summary, rows = score([Gold.of(g) for g in golds], [Prediction(g.id, a) for g, a in zip(golds, answers)],
                           load_embedder(args.embedder), ScoreConfig(args.mc_weight, args.cos_weight, keywords=args.keywords))
     if args.per_row:
         args.per_row.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")

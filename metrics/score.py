@@ -11,6 +11,7 @@ subj_format_violation_rate: subjective rows answered with nothing, a bare number
 subj_cos_floor: the mean cosine of each gold answer against the set's other gold answers, with `embedder`
 naming the model: what an answer about something else already earns, so the room above it is what
 subj_cos can measure (None with fewer than two subjective rows).
+by_domain: where gold rows name a domain, {domain: {n_mc, n_subj, mc_accuracy, subj_score, final_score}}.
 """
 from __future__ import annotations
 
@@ -31,6 +32,13 @@ class Gold:
     answer: str
     n_options: int = 0
     keywords: list[str] = field(default_factory=list)
+    domain: str = ""
+
+    @classmethod
+    def of(cls, example) -> "Gold":
+        """The gold row of an example (anything with id, kind, answer, n_options, keywords, domain)."""
+        return cls(example.id, example.kind, example.answer, example.n_options, list(example.keywords),
+                   example.domain)
 
 
 @dataclass
@@ -124,6 +132,24 @@ def score(golds: Sequence[Gold], preds: Sequence[Prediction], embedder, config: 
                          "len_violation": too_long, "format_violation": is_subj_format_violation(text),
                          "keyword_source": "column" if phrases else "answer"})
 
+    summary = {**summarize(rows, config),
+               "subj_cos_floor": cos_floor(gold_vecs) if subj else None,
+               "embedder": getattr(embedder, "name", type(embedder).__name__)}
+    domains = {g.id: g.domain for g in golds}
+    if any(domains.values()):
+        summary["by_domain"] = {d: {k: v for k, v in summarize([r for r in rows if domains[r["id"]] == d], config)
+                                    .items() if k in DOMAIN_KEYS}
+                                for d in sorted(set(domains.values()))}
+    order = {g.id: i for i, g in enumerate(golds)}
+    rows.sort(key=lambda r: order[r["id"]])
+    return summary, rows
+
+
+DOMAIN_KEYS = ("n_mc", "n_subj", "mc_accuracy", "subj_score", "final_score")
+
+
+def summarize(rows: Sequence[dict], config: ScoreConfig) -> dict:
+    """The metric over per-row records (all of an eval set's, or one domain's)."""
     mc_rows = [r for r in rows if r["kind"] == "mc"]
     subj_rows = [r for r in rows if r["kind"] == "subj"]
     mc_acc = _mean([r["correct"] for r in mc_rows])
@@ -134,14 +160,12 @@ def score(golds: Sequence[Gold], preds: Sequence[Prediction], embedder, config: 
         final = config.mc_weight * mc_acc + (1 - config.mc_weight) * subj_score
     else:
         final = mc_acc if mc_rows else subj_score
-    summary = {
+    return {
         "mc_accuracy": mc_acc, "subj_cos": subj_cos, "subj_kw": subj_kw, "subj_score": subj_score,
         "final_score": final,
         "mc_format_violation_rate": _mean([float(r["format_violation"]) for r in mc_rows]),
         "subj_len_violation_rate": _mean([float(r["len_violation"]) for r in subj_rows]),
         "subj_format_violation_rate": _mean([float(r["format_violation"]) for r in subj_rows]),
-        "subj_cos_floor": cos_floor(gold_vecs) if subj else None,
-        "embedder": getattr(embedder, "name", type(embedder).__name__),
         "n_mc": len(mc_rows), "n_subj": len(subj_rows),
         "mc_correct": int(sum(r["correct"] for r in mc_rows)),
         "mc_format_violations": sum(r["format_violation"] for r in mc_rows),
@@ -149,6 +173,3 @@ def score(golds: Sequence[Gold], preds: Sequence[Prediction], embedder, config: 
         "subj_format_violations": sum(r["format_violation"] for r in subj_rows),
         "subj_kw_from_column": sum(r["keyword_source"] == "column" for r in subj_rows),
     }
-    order = {g.id: i for i, g in enumerate(golds)}
-    rows.sort(key=lambda r: order[r["id"]])
-    return summary, rows

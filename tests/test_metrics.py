@@ -91,6 +91,17 @@ def test_cos_floor_is_the_mean_cosine_between_different_gold_answers():
     assert run(["2", "5", "x"], golds=MC + SUBJ[:1])[0]["subj_cos_floor"] is None
 
 
+def test_scores_per_domain_are_the_metric_on_each_domains_rows():
+    golds = [Gold("a", "mc", "2", 4, domain="전자금융"), Gold("b", "mc", "5", 5, domain="개인정보"),
+             Gold("c", "subj", SUBJ[0].answer, domain="전자금융"), Gold("d", "subj", SUBJ[1].answer, domain="개인정보")]
+    s, _ = run(["2", "1", SUBJ[0].answer, ""], golds=golds)
+    assert s["by_domain"]["전자금융"] == pytest.approx(
+        {"n_mc": 1, "n_subj": 1, "mc_accuracy": 1.0, "subj_score": 1.0, "final_score": 1.0}, abs=1e-6)
+    assert s["by_domain"]["개인정보"] == {"n_mc": 1, "n_subj": 1, "mc_accuracy": 0.0, "subj_score": 0.0,
+                                      "final_score": 0.0}
+    assert "by_domain" not in run(["2", "1", "x", "y"])[0]  # no Domain column, no breakdown
+
+
 def test_known_keyword_sets_give_known_recalls():
     # column keywords: 업무망 found, 인터넷망 not -> 1/2
     s, rows = run(["2", "5", SUBJ[0].answer, "업무망을 따로 둔다."])

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FSKU_DEV, run_cli, tiny_overrides, write_csv
+from conftest import FSKU_DEV, events, run_cli, tiny_overrides, write_csv
 from engine.data import prompt_text, read_examples
 from engine.errors import UserError
 from engine.options import normalized, option_lines, parse_quoted_answer
@@ -79,18 +79,26 @@ def test_an_answer_quoting_another_option_is_refused_or_kept_with_warn(tmp_path,
 
 
 def test_every_style_trains_and_infers_with_its_option_count(tiny_model, tmp_path):
+    """Also a run on data with a Domain column (here: the style) logging scores per domain at every eval."""
     rows, test_rows = [], []
     for i in range(24):
         style = list(STYLES)[i % len(STYLES)]
         question = STYLES[style].format(f"{i}번째 설명으로 옳은 것은")
-        rows.append([f"T{i}", question, str(1 + i % OPTION_COUNTS[style])])
+        rows.append([f"T{i}", question, str(1 + i % OPTION_COUNTS[style]), style])
         test_rows.append([f"Q{i}", question])
-    train = write_csv(tmp_path / "train.csv", rows)
+    train = write_csv(tmp_path / "train.csv", rows, ("ID", "Question", "Answer", "Domain"))
     test = write_csv(tmp_path / "test.csv", test_rows, ("ID", "Question"))
     out = tmp_path / "run"
     res = run_cli("train.py", "recipes/tiny.yaml", *tiny_overrides(tiny_model, out), f"data.train={train}",
-                  "train.max_steps=3", "data.eval_size=12")
+                  "train.max_steps=3", "data.eval_size=12", "eval.every_steps=2")
     assert res.returncode == 0, res.stderr[-2000:]
+    evals = events(out, "eval")
+    assert [e["step"] for e in evals] == [2, 3]
+    eval_styles = {r[3] for r in rows if r[0] in json.loads((out / "eval_ids.json").read_text())}
+    for e in evals:
+        assert set(e["by_domain"]) == eval_styles
+        assert sum(d["n_mc"] for d in e["by_domain"].values()) == e["n_mc"] == 12
+        assert all(set(d) == {"n_mc", "n_subj", "mc_accuracy", "subj_score", "final_score"} for d in e["by_domain"].values())
     eval_rows = [json.loads(line) for line in next((out / "eval").glob("step-*.jsonl")).read_text().splitlines()]
     counts = {r[0]: OPTION_COUNTS[list(STYLES)[int(r[0][1:]) % len(STYLES)]] for r in rows}
     assert eval_rows and all(r["kind"] == "mc" and 1 <= int(r["pred"]) <= counts[r["id"]] for r in eval_rows)

@@ -22,6 +22,7 @@ def full_run(tiny_model, tmp_path_factory) -> Path:
     res = run_cli("train.py", "recipes/tiny.yaml", *tiny_overrides(tiny_model, out))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "trainable parameters:" in res.stdout and "done:" in res.stdout
+    assert "learned: mc_accuracy " in res.stdout and "(eval at step 20 -> the best, step " in res.stdout
     assert_no_library_warnings(res.stderr)
     return out
 
@@ -42,6 +43,8 @@ def test_tiny_run_learns_and_writes_its_directory(full_run):
         assert {"adapter_model.safetensors", "adapter_config.json", "state.pt"} <= {p.name for p in ck.iterdir()}
     summary = json.loads((full_run / "summary.json").read_text())
     assert summary["steps"] == len(train) and summary["stop_reason"] == "epochs"
+    curves = (full_run / "curves.png").read_bytes()
+    assert curves[:8] == b"\x89PNG\r\n\x1a\n" and len(curves) > 20_000
 
 
 def test_eval_events_carry_every_metric_and_predictions(full_run):

@@ -217,3 +217,14 @@ def test_curriculum_resumes_mid_phase_in_the_same_order(tiny_model, tmp_path):
              for p in s.phases]
     assert kinds == [{"mc"}, {"subj"}, {"mc", "subj"}]
     assert s.phases[1].first_step < 6 <= s.phases[1].first_step + s.phases[1].steps
+
+
+def test_compare_shows_each_runs_best_eval_by_domain(tmp_path):
+    from engine.compare import Run, domain_tables
+    worse = {"step": 5, "final_score": 0.1, "by_domain": {"전자금융": {"n_mc": 3, "n_subj": 1, "mc_accuracy": 0.0,
+                                                                  "subj_score": 0.2, "final_score": 0.1}}}
+    best = {"step": 10, "final_score": 0.5833, "by_domain": {"전자금융": {"n_mc": 3, "n_subj": 1, "mc_accuracy": 2 / 3,
+                                                                      "subj_score": 0.5, "final_score": 0.5833}}}
+    md = domain_tables([Run("r", tmp_path, [worse, best], []), Run("plain", tmp_path, [{"step": 1, "final_score": 0}], [])])
+    assert "### r, step 10: by domain" in md and "| 전자금융 | 3 | 1 | 58.33 | 66.67 | 50.00 |" in md
+    assert "plain" not in md  # no Domain column in its eval data, no table
