@@ -26,6 +26,8 @@ from pathlib import Path
 from engine.errors import ArgumentParser, UserError, run_cli
 from engine.quiet import quiet_library_noise
 from engine.faults import fault
+from engine.files import atomic_write_text
+from engine.paths import check_adapter_dir, check_model_dir
 
 
 def parse_args() -> argparse.Namespace:
@@ -93,12 +95,10 @@ def settings(args: argparse.Namespace):
             if value <= 0:
                 raise UserError(f"--{key.replace('_', '-')} must be greater than 0")
             setattr(recipe.decode, key, value)
-    if not (Path(recipe.model.path) / "config.json").is_file():
-        raise UserError(f"model: {recipe.model.path} is not a model directory (no config.json)")
+    check_model_dir(recipe.model.path, "model.path" if args.recipe else "--model")
     adapter = args.adapter
     if adapter is not None:
-        if not (adapter / "adapter_config.json").is_file():
-            raise UserError(f"--adapter: {adapter} has no adapter_config.json")
+        check_adapter_dir(adapter)
         problem = verify(adapter) if (adapter / MANIFEST).exists() else None
         if problem:
             raise UserError(f"--adapter: {adapter} is damaged ({problem})")
@@ -167,12 +167,7 @@ def write_csv_atomically(path: Path, examples, answers: dict[str, str]) -> None:
     w.writerow(["ID", "Answer"])
     for ex in examples:
         w.writerow([ex.id, answers[ex.id]])
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(buf.getvalue(), encoding="utf-8")
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    fault("kill-infer-write")
-    os.replace(tmp, path)
+    atomic_write_text(path, buf.getvalue(), before_replace=lambda: fault("kill-infer-write"))
 
 
 def main() -> int:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from engine.errors import UserError, run_cli
+from engine.files import atomic_write_bytes, atomic_write_text, figure_png
 
 Z_5_PERCENT_ONE_SIDED = 1.645
 SHOWN = ("final_score", "mc_accuracy", "subj_score", "mc_format_violation_rate", "subj_len_violation_rate",
@@ -144,8 +145,9 @@ def plot(base: Run, runs: list[Run], out: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    png = figure_png(fig, dpi=110)
     plt.close(fig)
+    atomic_write_bytes(out, png)
 
 
 def checkpoint_report(run: Run) -> str:
@@ -172,8 +174,8 @@ def write_comparison(base_dir: Path, run_dirs: list[Path], out: Optional[Path], 
             f"(by final_score); Δ in percentage points against the baseline's best. Gate: {gate_pp} pp on MC "
             f"accuracy or subjective score, or a significant fall in a format-violation rate (one-sided "
             f"two-proportion z-test, 5%).\n\n{table}{domain_tables([base] + runs)}\n![curves](compare.png)\n")
-    (out / "compare.md").write_text(text, encoding="utf-8")
-    (out / "compare.json").write_text(json.dumps(rows, indent=2, ensure_ascii=False), encoding="utf-8")
+    atomic_write_text(out / "compare.md", text)
+    atomic_write_text(out / "compare.json", json.dumps(rows, indent=2, ensure_ascii=False))
     plot(base, runs, out / "compare.png")
     return out
 
@@ -190,7 +192,7 @@ def main() -> int:
         print((out / "compare.md").read_text(encoding="utf-8"))
     else:
         report = checkpoint_report(load_run(a.runs[0]))
-        (a.runs[0] / "checkpoints.md").write_text(report, encoding="utf-8")
+        atomic_write_text(a.runs[0] / "checkpoints.md", report)
         print(report)
     return 0
 

@@ -4,9 +4,10 @@ with the best eval marked."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional
+
+from engine.files import atomic_write_bytes, figure_png
 
 
 def read_events(metrics: Path) -> tuple[list[dict], list[dict]]:
@@ -62,8 +63,7 @@ def write_curves(run_dir: Path, title: str = "") -> Path:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     out = run_dir / "curves.png"
-    tmp = out.with_name(".curves.png.tmp")
-    fig.savefig(tmp, dpi=100, format="png")
+    png = figure_png(fig, dpi=100)
     plt.close(fig)
-    os.replace(tmp, out)
+    atomic_write_bytes(out, png)
     return out

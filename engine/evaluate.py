@@ -260,8 +260,8 @@ def main() -> int:
                      f"{100 * r['mc_accuracy']:.2f} | {100 * r['subj_score']:.2f} | {100 * r['subj_cos']:.2f} | "
                      f"{100 * r['subj_kw']:.2f} | {100 * r['subj_len_violation_rate']:.2f} | "
                      f"{r['decode_seconds']:.1f} | {'**best**' if r is best else ''} |")
-    (out / "grid.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (out / "grid.json").write_text(json.dumps(rows, indent=2, ensure_ascii=False), encoding="utf-8")
+    atomic_write_text(out / "grid.md", "\n".join(lines) + "\n")
+    atomic_write_text(out / "grid.json", json.dumps(rows, indent=2, ensure_ascii=False))
     print("\n".join(lines))
     return 0
 

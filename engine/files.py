@@ -6,14 +6,14 @@ from pathlib import Path
 from typing import Callable
 
 
-def atomic_write_text(path: str | Path, text: str, before_replace: Callable[[], object] = lambda: None) -> None:
-    """Write `text` (UTF-8) to a temporary file beside `path`, fsync it, then rename it over `path`.
+def atomic_write_bytes(path: str | Path, data: bytes, before_replace: Callable[[], object] = lambda: None) -> None:
+    """Write `data` to a temporary file beside `path`, fsync it, then rename it over `path`.
     `before_replace` runs between the two (the fault-injection tests kill the process there)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         before_replace()
@@ -21,3 +21,17 @@ def atomic_write_text(path: str | Path, text: str, before_replace: Callable[[], 
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: str | Path, text: str, before_replace: Callable[[], object] = lambda: None) -> None:
+    """`atomic_write_bytes` of `text` in UTF-8, newlines as given."""
+    atomic_write_bytes(path, text.encode("utf-8"), before_replace)
+
+
+def figure_png(fig, dpi: int) -> bytes:
+    """A matplotlib figure as PNG bytes, for `atomic_write_bytes`."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=dpi, format="png")
+    return buf.getvalue()

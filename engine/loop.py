@@ -33,6 +33,7 @@ from engine.errors import TrainingError, UserError
 from engine.evaluate import Evaluator
 from engine.faults import fault
 from engine.files import atomic_write_text
+from engine.paths import check_model_dir
 from engine.labels import check_labels
 from engine.loss import collate, forward_backward
 from engine.model import (add_lora, apply_speed_levers, count_parameters, ensure_tiny_model, is_4bit,
@@ -58,8 +59,8 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def check_inputs(recipe: Recipe) -> None:
     """Fail on a wrong path before anything loads or any directory is made."""
-    if not recipe.model.build_tiny and not (Path(recipe.model.path) / "config.json").is_file():
-        raise UserError(f"model.path: {recipe.model.path} is not a model directory (no config.json)")
+    if not recipe.model.build_tiny:
+        check_model_dir(recipe.model.path)
     for key, path in (("data.train", recipe.data.train), ("data.eval", recipe.data.eval)):
         if path and not Path(path).is_file():
             raise UserError(f"{key}: {path}: file not found")

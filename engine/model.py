@@ -14,6 +14,7 @@ import torch.utils.checkpoint
 
 from engine.config import LoraConfig, ModelConfig, TrainConfig
 from engine.errors import UserError
+from engine.paths import check_adapter_dir, check_model_dir
 
 log = logging.getLogger("engine")
 
@@ -68,9 +69,7 @@ def load_base_model(cfg: ModelConfig):
     """The frozen base model on the device it will run on."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = Path(cfg.path)
-    if not (path / "config.json").is_file():
-        raise UserError(f"model.path: {path} is not a model directory (no config.json)")
+    path = check_model_dir(cfg.path)
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda else torch.float32
     kwargs = dict(_dtype_kwargs(dtype), attn_implementation=cfg.attn_implementation)
@@ -120,9 +119,7 @@ def load_adapter(model, adapter_dir: str | Path, trainable: bool = False):
     """Attach a saved peft adapter; one made for another base model is a user error, not a traceback."""
     from peft import PeftModel
 
-    adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise UserError(f"--adapter: {adapter_dir} has no adapter_config.json")
+    adapter_dir = check_adapter_dir(adapter_dir)
     try:
         return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
     except (RuntimeError, ValueError, KeyError) as e:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from engine.data import Example, read_examples, read_table
 from engine.errors import ArgumentParser, UserError, run_cli
+from engine.files import atomic_write_text
 from engine.quiet import quiet_library_noise
 from metrics.embedders import load_embedder
 from metrics.score import Gold, Prediction, ScoreConfig, score
@@ -70,7 +71,7 @@ def main() -> int:
     summary, rows = score([Gold.of(g) for g in golds], [Prediction(g.id, a) for g, a in zip(golds, answers)],
                           load_embedder(args.embedder), ScoreConfig(args.mc_weight, args.cos_weight, keywords=args.keywords))
     if args.per_row:
-        args.per_row.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        atomic_write_text(args.per_row, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     print(json.dumps(summary, ensure_ascii=False))
     return 0
 
