@@ -21,6 +21,8 @@ AX_TOKENIZER = SHARED / "models" / "ax4-light-tokenizer"
 FSKU_DEV = SHARED / "data" / "fsku" / "fsku_dev.csv"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if "PYTEST_XDIST_WORKER" in os.environ:  # a worker beside others: one thread each, for it and its subprocesses
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 quiet_library_noise()  # the in-process tests see what the command lines see
 
 
