@@ -157,6 +157,8 @@ BAD_RECIPES = {
     "not YAML": ("train: [1,\n", [], "not valid YAML"),
     "a list, not a mapping": ("- 1\n- 2\n", [], "r.yaml"),
     "bad choice": (TINY, ["train.scheduler=step"], "train.scheduler must be one of"),
+    "bad answer-text policy": (TINY, ["data.answer_text_mismatch=ignore"],
+                               "data.answer_text_mismatch must be one of error, warn, got 'ignore'"),
     "curriculum phase with no rows": (TINY + "train:\n  sampler:\n    phases:\n      - {{kinds: subj, epochs: 1}}\n",
                                       [f"data.train={ROOT}/tests/data/mc_only.csv"],
                                       "train.sampler.phases: phase 1 (kinds: subj) has no subj examples"),
