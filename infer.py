@@ -54,7 +54,7 @@ def parse_args() -> argparse.Namespace:
 
 def recipe_adapter(recipe) -> Path:
     """The run's `checkpoints/best`, verified; anything else is a user error that says what to do."""
-    from engine.checkpoint import usable_checkpoint, verify
+    from engine.checkpoint import verified_checkpoints, verify
 
     ckpt_root = Path(recipe.output_dir) / "checkpoints"
     best = ckpt_root / "best"
@@ -65,11 +65,8 @@ def recipe_adapter(recipe) -> Path:
         where = f"{best} is damaged ({problem})"
     else:
         where = f"no checkpoint under {recipe.output_dir}"
-    try:
-        newest = usable_checkpoint(ckpt_root)[0]
-    except UserError:
-        newest = None
-    instead = f"pass --adapter {newest.path}" if newest else "train first, pass --adapter DIR"
+    newest = verified_checkpoints(ckpt_root)
+    instead = f"pass --adapter {newest[-1][1]}" if newest else "train first, pass --adapter DIR"
     raise UserError(f"{where}: {instead}, or --no-adapter for the base model")
 
 

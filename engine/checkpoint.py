@@ -138,16 +138,16 @@ def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, loop_state: di
     return final
 
 
-def complete_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
-    """(step, path) of every complete checkpoint, oldest first."""
+def step_dirs(ckpt_root: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every `step-N` directory under `ckpt_root`, oldest first, whole or not."""
     if not ckpt_root.is_dir():
         return []
-    found = []
-    for p in ckpt_root.iterdir():
-        m = STEP_DIR.match(p.name)
-        if m and (p / "state.pt").is_file() and (p / ADAPTER_FILE).is_file():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
+    return sorted((int(m.group(1)), p) for p in ckpt_root.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name)))
+
+
+def verified_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every checkpoint whose files match its manifest, oldest first (files not loaded)."""
+    return [(step, p) for step, p in step_dirs(ckpt_root) if verify(p) is None]
 
 
 def remove_partial_writes(ckpt_root: Path) -> None:
@@ -156,12 +156,6 @@ def remove_partial_writes(ckpt_root: Path) -> None:
         for p in ckpt_root.iterdir():
             if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name):
                 shutil.rmtree(p, ignore_errors=True)
-
-
-def latest_checkpoint(ckpt_root: Path) -> Optional[Path]:
-    """The newest complete checkpoint directory, unverified (for messages; resume uses `usable_checkpoint`)."""
-    found = complete_checkpoints(ckpt_root)
-    return found[-1][1] if found else None
 
 
 @dataclass
@@ -193,8 +187,7 @@ def usable_checkpoint(ckpt_root: Path) -> tuple[Optional[Saved], list[str]]:
     passed over). (None, []) when there is no checkpoint at all; UserError when none is usable."""
     from engine.errors import UserError
 
-    found = sorted(((int(m.group(1)), p) for p in (ckpt_root.iterdir() if ckpt_root.is_dir() else [])
-                    if p.is_dir() and (m := STEP_DIR.match(p.name))))
+    found = step_dirs(ckpt_root)
     skipped = []
     for _, path in reversed(found):
         try:

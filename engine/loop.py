@@ -24,8 +24,8 @@ import yaml
 
 from decode.digits import digit_token_ids
 from engine import distributed as dist
-from engine.checkpoint import (apply_checkpoint, latest_checkpoint, remove_partial_writes, rng_state, save_adapter,
-                               save_checkpoint, usable_checkpoint, verify)
+from engine.checkpoint import (apply_checkpoint, remove_partial_writes, rng_state, save_adapter,
+                               save_checkpoint, usable_checkpoint, verified_checkpoints, verify)
 from engine.config import Recipe, dump_recipe, recipe_to_dict
 from engine.curves import write_curves
 from engine.data import Encoded, Example, encode_all, encode_prompt, read_examples
@@ -385,9 +385,10 @@ def run(recipe: Recipe, overrides: list[str] = ()) -> dict:
         if not math.isfinite(loss_value):
             optimizer.zero_grad(set_to_none=True)
             if state.skipped_nonfinite >= t.skip_nonfinite:
-                good = latest_checkpoint(ckpt_root)
+                verified = verified_checkpoints(ckpt_root)
                 raise TrainingError(f"step {step}: loss is {loss_value}; stopped. Last good checkpoint: "
-                                    f"{good or 'none'} (train.skip_nonfinite lets a few such steps pass)")
+                                    f"{verified[-1][1] if verified else 'none'} (train.skip_nonfinite lets a "
+                                    f"few such steps pass)")
             state.skipped_nonfinite += 1
             metrics.write({"event": "skip", "step": step, "loss": loss_value})
             log.warning("step %d: non-finite loss %s skipped (%d of %d allowed)", step, loss_value,
