@@ -54,7 +54,7 @@ def parse_args() -> argparse.Namespace:
 
 def recipe_adapter(recipe) -> Path:
     """The run's `checkpoints/best`, verified; anything else is a user error that says what to do."""
-    from engine.checkpoint import verified_checkpoints, verify
+    from engine.checkpoint import newest_verified, verify
 
     ckpt_root = Path(recipe.output_dir) / "checkpoints"
     best = ckpt_root / "best"
@@ -65,8 +65,8 @@ def recipe_adapter(recipe) -> Path:
         where = f"{best} is damaged ({problem})"
     else:
         where = f"no checkpoint under {recipe.output_dir}"
-    newest = verified_checkpoints(ckpt_root)
-    instead = f"pass --adapter {newest[-1][1]}" if newest else "train first, pass --adapter DIR"
+    newest = newest_verified(ckpt_root)
+    instead = f"pass --adapter {newest}" if newest else "train first, pass --adapter DIR"
     raise UserError(f"{where}: {instead}, or --no-adapter for the base model")
 
 

@@ -8,7 +8,6 @@ is never resumed from or inferred with.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -20,6 +19,8 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+
+from engine.files import sha256_of
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -33,16 +34,8 @@ def _fsync_tree(path: Path) -> None:
                 os.fsync(fh.fileno())
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_manifest(d: Path, step: int) -> None:
-    files = {str(f.relative_to(d)): {"size": f.stat().st_size, "sha256": _sha256(f)}
+    files = {str(f.relative_to(d)): {"size": f.stat().st_size, "sha256": sha256_of(f)}
              for f in sorted(d.rglob("*")) if f.is_file() and f.name != MANIFEST}
     (d / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1), encoding="utf-8")
 
@@ -63,7 +56,7 @@ def verify(d: Path) -> Optional[str]:
             return f"{name} is missing"
         if f.stat().st_size != want["size"]:
             return f"{name} is {f.stat().st_size} bytes, the manifest says {want['size']}"
-        if _sha256(f) != want["sha256"]:
+        if sha256_of(f) != want["sha256"]:
             return f"{name} does not match its sha256 in the manifest"
     return None
 
@@ -145,9 +138,10 @@ def step_dirs(ckpt_root: Path) -> list[tuple[int, Path]]:
     return sorted((int(m.group(1)), p) for p in ckpt_root.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name)))
 
 
-def verified_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
-    """(step, path) of every checkpoint whose files match its manifest, oldest first (files not loaded)."""
-    return [(step, p) for step, p in step_dirs(ckpt_root) if verify(p) is None]
+def newest_verified(ckpt_root: Path) -> Optional[Path]:
+    """The newest checkpoint whose files match its manifest (not loaded: for messages; resume reads them
+    with `usable_checkpoint`)."""
+    return next((p for _, p in reversed(step_dirs(ckpt_root)) if verify(p) is None), None)
 
 
 def remove_partial_writes(ckpt_root: Path) -> None:

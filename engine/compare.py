@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from engine.curves import best_eval, read_events
 from engine.errors import UserError, run_cli
 from engine.files import atomic_write_bytes, atomic_write_text, figure_png
 
@@ -36,7 +37,7 @@ class Run:
 
     @property
     def best(self) -> dict:
-        return max(self.evals, key=lambda e: (e.get("final_score", -math.inf), -e["step"]))
+        return best_eval(self.evals)
 
     @property
     def last(self) -> dict:
@@ -47,11 +48,11 @@ def load_run(path: Path) -> Run:
     metrics = path / "metrics.jsonl"
     if not metrics.is_file():
         raise UserError(f"{path}: not a run directory (no metrics.jsonl)")
-    events = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
-    evals = [e for e in events if e["event"] == "eval" and "final_score" in e]
+    train, evals = read_events(metrics)
+    evals = [e for e in evals if "final_score" in e]
     if not evals:
         raise UserError(f"{metrics}: no eval events with a final_score (was eval.generate off?)")
-    return Run(path.name, path, evals, [e for e in events if e["event"] == "train"])
+    return Run(path.name, path, evals, train)
 
 
 def two_proportion_z(bad_base: int, n_base: int, bad_run: int, n_run: int) -> float:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from engine.errors import UserError
-from engine.options import option_lines, options_problem, normalized, parse_quoted_answer
+from engine.options import normalized, options_problem, parse_quoted_answer, question_options
 
 MAX_QUESTION_CHARS = 8_000
 """FSKU's questions run to a few hundred characters; a longer one is a broken cell, not a question."""
@@ -37,8 +37,7 @@ class Example:
 
 def option_count(question: str) -> int:
     """Number of option lines (`1 ...`, `1. ...`, `1) ...`, `(1) ...`, `① ...`); fewer than two: subjective."""
-    n = len(option_lines(question))
-    return n if n >= 2 else 0
+    return len(question_options(question))
 
 
 def read_table(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
@@ -115,7 +114,7 @@ def read_examples(path: str | Path, require_answer: bool = True, answer_text_mis
             raise UserError(f"{where}, column Question: empty question")
         if len(question) > MAX_QUESTION_CHARS:
             raise UserError(f"{where}, column Question: {len(question)} characters (limit {MAX_QUESTION_CHARS})")
-        options = option_lines(question) if option_count(question) else []
+        options = question_options(question)
         if options and (problem := options_problem(options)):
             raise UserError(f"{where}, column Question: {problem}")
         if len(options) > 9:

@@ -1,6 +1,7 @@
 """Writing files so that a crash leaves the old file or the new one, never half of either."""
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Callable
@@ -35,3 +36,12 @@ def figure_png(fig, dpi: int) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, dpi=dpi, format="png")
     return buf.getvalue()
+
+
+def sha256_of(path: str | Path) -> str:
+    """The file's sha256, hex, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -25,14 +25,14 @@ import yaml
 from decode.digits import digit_token_ids
 from engine import distributed as dist
 from engine.checkpoint import (apply_checkpoint, remove_partial_writes, rng_state, save_adapter,
-                               save_checkpoint, usable_checkpoint, verified_checkpoints, verify)
+                               save_checkpoint, usable_checkpoint, newest_verified, verify)
 from engine.config import Recipe, dump_recipe, recipe_to_dict
-from engine.curves import write_curves
+from engine.curves import best_eval, read_events, write_curves
 from engine.data import Encoded, Example, encode_all, encode_prompt, read_examples
 from engine.errors import TrainingError, UserError
 from engine.evaluate import Evaluator
 from engine.faults import fault
-from engine.files import atomic_write_text
+from engine.files import atomic_write_text, sha256_of
 from engine.paths import check_model_dir
 from engine.labels import check_labels
 from engine.loss import collate, forward_backward
@@ -68,11 +68,10 @@ def check_inputs(recipe: Recipe) -> None:
 
 def data_fingerprints(recipe: Recipe, n_train: int, n_eval: Optional[int]) -> dict:
     """sha256 and row count of the data files a run reads: a resumed run must read the same rows."""
-    import hashlib
     prints = {}
     for key, path, rows in (("data.train", recipe.data.train, n_train), ("data.eval", recipe.data.eval, n_eval)):
         if path:
-            prints[key] = {"path": path, "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(), "rows": rows}
+            prints[key] = {"path": path, "sha256": sha256_of(path), "rows": rows}
     return prints
 
 
@@ -222,8 +221,6 @@ def data_notes(examples: list[Example], train: list[Encoded], eval_rows: list[En
 
 def learning_line(metrics: Path) -> str:
     """What the run learned, first eval against the best: `learned: mc_accuracy 0.23 -> 0.86, ...`."""
-    from engine.curves import best_eval, read_events
-
     evals = [e for e in read_events(metrics)[1] if "final_score" in e]
     if len(evals) < 2:
         return ""
@@ -385,10 +382,9 @@ def run(recipe: Recipe, overrides: list[str] = ()) -> dict:
         if not math.isfinite(loss_value):
             optimizer.zero_grad(set_to_none=True)
             if state.skipped_nonfinite >= t.skip_nonfinite:
-                verified = verified_checkpoints(ckpt_root)
                 raise TrainingError(f"step {step}: loss is {loss_value}; stopped. Last good checkpoint: "
-                                    f"{verified[-1][1] if verified else 'none'} (train.skip_nonfinite lets a "
-                                    f"few such steps pass)")
+                                    f"{newest_verified(ckpt_root) or 'none'} (train.skip_nonfinite lets a few "
+                                    f"such steps pass)")
             state.skipped_nonfinite += 1
             metrics.write({"event": "skip", "step": step, "loss": loss_value})
             log.warning("step %d: non-finite loss %s skipped (%d of %d allowed)", step, loss_value,

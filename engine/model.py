@@ -14,6 +14,7 @@ import torch.utils.checkpoint
 
 from engine.config import LoraConfig, ModelConfig, TrainConfig
 from engine.errors import UserError
+from engine.files import sha256_of
 from engine.paths import check_adapter_dir, check_model_dir
 
 log = logging.getLogger("engine")
@@ -147,10 +148,8 @@ def ensure_tiny_model(cfg: ModelConfig, texts_source: str) -> None:
     tokenizer is trained on the data, so a tiny model built from other data is refused, never reused."""
     if not cfg.build_tiny:
         return
-    import hashlib
-
     path = Path(cfg.path)
-    source = {"data": str(texts_source), "sha256": hashlib.sha256(Path(texts_source).read_bytes()).hexdigest()}
+    source = {"data": str(texts_source), "sha256": sha256_of(texts_source)}
     if (path / "config.json").is_file():
         record = path / TINY_SOURCE
         built = json.loads(record.read_text(encoding="utf-8")) if record.is_file() else None

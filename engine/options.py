@@ -12,26 +12,14 @@ from typing import Optional
 CIRCLED = "①②③④⑤⑥⑦⑧⑨⑩"
 # A number followed by a dot and a digit (`1.5배 이상`) is text, not a marker; the bare style needs a
 # space after the number (`2023년` is text).
-_MARKERS = {
+_MARKERS = {  # style -> the marker after any leading spaces; group `n` is the option's number
     "plain": r"(?P<n>[1-9][0-9]?)\s",
     "dot": r"(?P<n>[1-9][0-9]?)\.(?![0-9])\s*",
     "paren": r"(?P<n>[1-9][0-9]?)\)(?![0-9])\s*",
     "parens": r"\((?P<n>[1-9][0-9]?)\)\s*",
-    "circled": rf"(?P<c>[{CIRCLED}])\s*",
+    "circled": rf"(?P<n>[{CIRCLED}])\s*",
 }
-
-
-def _compile_line() -> re.Pattern:
-    """One pattern with a named group per style (named groups must be unique, so each style's number
-    group carries the style's name)."""
-    parts = []
-    for style, marker in _MARKERS.items():
-        marker = marker.replace("(?P<n>", f"(?P<n_{style}>").replace("(?P<c>", f"(?P<c_{style}>")
-        parts.append(f"(?P<{style}>{marker})")
-    return re.compile(r"^(?P<head>\s*(?:" + "|".join(parts) + r"))(?P<text>.*)$", re.DOTALL)
-
-
-_LINE = _compile_line()
+_LINES = {style: re.compile(rf"^(?P<head>\s*{marker})(?P<text>.*)$", re.DOTALL) for style, marker in _MARKERS.items()}
 
 
 @dataclass(frozen=True)
@@ -46,18 +34,24 @@ class OptionLine:
 
 
 def parse_option_line(line: str, index: int = 0) -> Optional[OptionLine]:
-    m = _LINE.match(line)
-    if not m:
-        return None
-    style = next(s for s in _MARKERS if m.group(s) is not None)
-    number = CIRCLED.index(m.group(f"c_{style}")) + 1 if style == "circled" else int(m.group(f"n_{style}"))
-    return OptionLine(index, number, style, m.group("head"), m.group("text"))
+    for style, pattern in _LINES.items():
+        if m := pattern.match(line):
+            n = m.group("n")
+            number = CIRCLED.index(n) + 1 if style == "circled" else int(n)
+            return OptionLine(index, number, style, m.group("head"), m.group("text"))
+    return None
 
 
 def option_lines(question: str) -> list[OptionLine]:
     """Every line of the question that starts with an option marker, in order."""
     found = (parse_option_line(line, i) for i, line in enumerate(question.splitlines()))
     return [o for o in found if o is not None]
+
+
+def question_options(question: str) -> list[OptionLine]:
+    """The question's options: its option lines when there are at least two (one numbered line is text)."""
+    found = option_lines(question)
+    return found if len(found) >= 2 else []
 
 
 def options_problem(lines: list[OptionLine]) -> Optional[str]:

@@ -100,8 +100,8 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tiny_model,
         "the previous checkpoint is intact")
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert "step-20" not in names and not [n for n in names if n.startswith(".")]
-    from engine.checkpoint import verified_checkpoints
-    assert verified_checkpoints(out / "checkpoints")[-1][0] == 15
+    from engine.checkpoint import newest_verified
+    assert newest_verified(out / "checkpoints") == out / "checkpoints" / "step-15"
 
 
 def test_infer_killed_while_writing_the_csv(tiny_model, fsku_dev, tmp_path):
@@ -131,8 +131,8 @@ def test_infer_killed_while_writing_the_csv(tiny_model, fsku_dev, tmp_path):
 def test_damaged_newest_checkpoint_is_skipped_and_the_older_one_resumed(reference, tiny_model, tmp_path):
     out = tmp_path / "run"
     assert run_with_fault(tiny_model, out, "kill-step@25").returncode == -9
-    from engine.checkpoint import verified_checkpoints
-    steps = [step for step, _ in verified_checkpoints(out / "checkpoints")]
+    from engine.checkpoint import step_dirs, verify
+    steps = [step for step, path in step_dirs(out / "checkpoints") if verify(path) is None]
     assert steps[-1] == 20, steps
     state = out / "checkpoints" / "step-20" / "state.pt"
     with open(state, "r+b") as f:  # what a full disk or a half-finished copy leaves
