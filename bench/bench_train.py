@@ -27,7 +27,8 @@ from bench.common import (StepTimer, card, fsku_length_mix, make_random_model, p
                           write_json)
 from engine.config import LoraConfig, ModelConfig, TrainConfig
 from engine.data import Encoded
-from engine.loss import collate, forward_backward
+from engine.batch import collate
+from engine.loss import forward_backward
 from engine.model import compile_layers, keep_activations
 
 WARMUP = 3
@@ -85,7 +86,19 @@ def hf_model(model_dir: str):
                                           target_modules=LoraConfig().targets))
 
 
-def run_hf(model, data: list[list[Encoded]]) -> dict:
+def length_grouping(on: bool) -> dict:
+    """TrainingArguments' switch for HF's LengthGroupedSampler: `group_by_length` up to transformers 4.x,
+    `train_sampling_strategy` in 5."""
+    import dataclasses
+    from transformers import TrainingArguments
+
+    if "group_by_length" in {f.name for f in dataclasses.fields(TrainingArguments)}:
+        return {"group_by_length": on}
+    return {"train_sampling_strategy": "group_by_length" if on else "random"}
+
+
+def run_hf(model, data: list[list[Encoded]], grad_accum: int = 1, group_by_length: bool = False) -> dict:
+    """HF Trainer on `data`'s steps (`grad_accum` micro-batches each), padded to each micro-batch's longest."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     timer = StepTimer()
@@ -101,7 +114,8 @@ def run_hf(model, data: list[list[Encoded]]) -> dict:
         b = collate([Encoded(i["input_ids"], i["labels"], None) for i in items], 1)
         return {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "labels": b.labels}
 
-    args = TrainingArguments(output_dir="/tmp/hf-bench", per_device_train_batch_size=len(data[0]),
+    args = TrainingArguments(output_dir="/tmp/hf-bench", per_device_train_batch_size=len(data[0]) // grad_accum,
+                             gradient_accumulation_steps=grad_accum, **length_grouping(group_by_length),
                              max_steps=len(data), learning_rate=1e-4, bf16=torch.cuda.is_available(),
                              gradient_checkpointing=True, optim="adamw_torch", logging_steps=10_000,
                              save_strategy="no", report_to=[], remove_unused_columns=False, dataloader_drop_last=True,

@@ -13,7 +13,8 @@ import torch
 
 from bench.bench_train import batches_for, our_model, run_ours, vocab_size
 from bench.common import write_json
-from engine.loss import collate, forward_backward
+from engine.batch import collate
+from engine.loss import forward_backward
 
 
 def fixed_loss(model, items) -> float:

@@ -3,7 +3,8 @@
 # Trainer vs our loop: compiled layers recomputed inside their graphs, expanded double quant, 4-bit weights
 # dequantized in the graph; beyond 4 x 512 the first layers keeping their 4-bit matmul outputs and LoRA dropout
 # in its kernel; at 8 x 2048 a variant within 22 GiB too), "final-eval" (in-loop eval and infer.py beside HF
-# generate), "loop" (train.py baseline 30 steps), ... Needs .whl (../shared/tools/gpu-carry.sh) and .carry
+# generate), "cli" (train.py recipes/baseline.yaml as users run it, cold and warm compile cache, beside HF
+# Trainer on the same CSV: bench/bench_cli.py), "loop" (train.py baseline 30 steps), ... Needs .whl (../shared/tools/gpu-carry.sh) and .carry
 # (A.X tokenizer files + FSKU dev CSV) carried along. Results land in $OUT.
 set -uo pipefail
 stage=${1:-loop}
@@ -18,7 +19,22 @@ t=$(date +%s)
 python3 -c "from pathlib import Path; from bench.common import make_random_model as m; m(Path('.carry/ax4-light-tokenizer'), Path('$M'))" || exit 1
 echo "model ready after $(( $(date +%s) - t )) s" >> "$OUT/gpu_$stage.txt"
 python3 -m bench.make_data .carry/fsku_dev.csv .carry/ax4-light-tokenizer $D || exit 1
-if [ "$stage" = loop ]; then
+if [ "$stage" = cli ]; then
+  export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache
+  timeout 430 python3 -m bench.bench_cli $M $D/eval2000.csv "$OUT/cli.json" --steps 24 \
+    --override eval.generate=false > "$OUT/cli.log" 2>&1
+  timeout 90 python3 -m bench.bench_cli $M $D/eval2000.csv "$OUT/cli_off.json" --steps 20 \
+    --override eval.generate=false --override train.speed=off --override train.packing=false --ours-only --key old_default \
+    > "$OUT/cli_off.log" 2>&1
+  for r in cold warm; do cp .cache/bench-cli/$r/metrics.jsonl "$OUT/cli_${r}_metrics.jsonl" 2>/dev/null; done
+elif [ "$stage" = cli-budget ]; then
+  export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache
+  for gib in 22 12; do
+    timeout 200 python3 -m bench.bench_cli $M $D/eval2000.csv "$OUT/cli_budget.json" --steps 24 --ours-only \
+      --key "memory_gib_$gib" --override eval.generate=false --override train.memory_gib=$gib > "$OUT/cli_$gib.log" 2>&1
+    cp .cache/bench-cli/cold/metrics.jsonl "$OUT/cli_${gib}_metrics.jsonl"
+  done
+elif [ "$stage" = loop ]; then
   rm -rf .cache/run-baseline
   python3 train.py recipes/baseline.yaml model.path=$M data.train=$D/long512.csv train.max_steps=30 \
     train.micro_batch=4 train.grad_accum=1 eval.generate=false eval.every_steps=0 data.eval_size=16 \

@@ -12,7 +12,8 @@ import torch
 
 from bench.bench_train import batches_for, our_model, vocab_size
 from bench.common import StepTimer, write_json
-from engine.loss import collate, forward_backward
+from engine.batch import collate
+from engine.loss import forward_backward
 
 
 def steps(model, data, opt, timer=None):

@@ -90,6 +90,16 @@ class TrainConfig:
     optimizer: str = "adamw"
     loss_weighting: str = "token"
     gradient_checkpointing: bool = True
+    speed: str = "auto"
+    """auto: on CUDA with a 4-bit base, every lever that keeps the loss the same and the memory budget
+    allows (engine/perf/plan.py; one line before the first step says which); off: exactly the lever keys
+    set here. On CPU both are the plain path."""
+    memory_gib: float = 0.0
+    """The memory budget (GiB) `speed: auto` plans for; 0 = the card's memory less 2 GiB, at most 22 (what a
+    24 GB card holds)."""
+    packing: bool = True
+    """Lay a step's examples out several to a row (block-diagonal attention, positions restarting per
+    example) instead of one padded row each: the same loss, computed on real tokens instead of padding."""
     keep_activations: int = 0
     """With gradient checkpointing, the last N decoder layers keep their activations for backward instead
     of recomputing them: each one saves a layer's forward a step and costs its activation memory (for A.X
@@ -199,6 +209,7 @@ CHOICES = {
     "model.quant": ("nf4", "none"),
     "data.answer_text_mismatch": ("error", "warn"),
     "train.scheduler": ("linear", "cosine", "constant"),
+    "train.speed": ("auto", "off"),
     "train.optimizer": ("adamw", "paged_adamw_8bit"),
     "train.loss_weighting": ("token", "example"),
     "train.sampler.phases.kinds": ("all", "mc", "subj"),
@@ -211,7 +222,7 @@ NON_NEGATIVE = {"train.lr", "train.max_steps", "train.warmup_ratio", "train.weig
                 "train.skip_nonfinite", "train.sampler.subj_weight", "train.min_lr_ratio",
                 "eval.every_steps", "eval.patience", "decode.temperature", "decode.no_repeat_ngram_size",
                 "lora.dropout", "checkpoint.every_steps", "train.label_smoothing",
-                "train.sampler.phases.subj_weight", "train.ce_chunk", "train.keep_activations", "train.save_matmuls",
+                "train.sampler.phases.subj_weight", "train.ce_chunk", "train.memory_gib", "train.keep_activations", "train.save_matmuls",
                 "data.max_mc", "data.max_subj"}
 UNIT_INTERVAL = {"train.warmup_ratio", "train.expect_loss_drop", "lora.dropout", "data.eval_share", "eval.mc_weight",
                  "eval.cos_weight", "train.min_lr_ratio"}
@@ -287,6 +298,8 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
                 pass
         raise UserError(f"{where}: {key} must be a number, got {value!r}")
     if tp is str:
+        if isinstance(value, bool) and ("on" if value else "off") in CHOICES.get(key, ()):
+            return "on" if value else "off"  # YAML 1.1 reads a bare off as false
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise UserError(f"{where}: {key} must be a string, got {value!r}")

@@ -21,7 +21,8 @@ from engine.errors import UserError
 from engine.files import atomic_write_text
 from engine.fused_lora import lora_merged_on_the_fly
 from engine.data import Encoded, Example, encode_all, prompt_ids
-from engine.loss import answer_positions, autocast, collate
+from engine.batch import collate
+from engine.loss import answer_positions, autocast
 from metrics.embedders import load_embedder
 from metrics.score import Gold, Prediction, ScoreConfig, score
 

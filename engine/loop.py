@@ -35,10 +35,12 @@ from engine.faults import fault
 from engine.files import atomic_write_text, sha256_of
 from engine.paths import check_model_dir
 from engine.labels import check_labels
-from engine.loss import collate, forward_backward
-from engine.model import (add_lora, apply_speed_levers, count_parameters, ensure_tiny_model, is_4bit,
+from engine.loss import forward_backward
+from engine.perf.packing import step_batches
+from engine.perf.speed import speed_up
+from engine.model import (add_lora, count_parameters, ensure_tiny_model, is_4bit,
                           load_base_model, load_tokenizer)
-from engine.sampling import Sampler, micro_batches
+from engine.sampling import Sampler
 from engine.schedule import lr_at
 from engine.split import cap_kinds, check_disjoint, pin_eval_subset, split_train_eval
 
@@ -289,12 +291,14 @@ def run(recipe: Recipe, overrides: list[str] = ()) -> dict:
     log.info("data: %d train (%d MC, %d subjective), %d eval rows; %d rank(s)", len(train_ex), n_mc,
              len(train_ex) - n_mc, len(eval_ex), dist.world_size())
 
-    model = apply_speed_levers(add_lora(load_base_model(recipe.model), recipe.lora, t.gradient_checkpointing), t)
+    model, plan = speed_up(add_lora(load_base_model(recipe.model), recipe.lora, t.gradient_checkpointing), recipe,
+                           device)
     trainable, total = count_parameters(model)
     quant = "4-bit NF4" if any(is_4bit(p) for p in model.parameters()) else f"{next(model.parameters()).dtype}"
     if main:
         print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%), base {quant}, "
               f"device {device.type}", flush=True)
+        print(plan.line(), flush=True)
     model.train()
     optimizer = make_optimizer(model, recipe)
     torch.manual_seed(recipe.seed + dist.rank())  # the same adapters on every rank, their own dropout masks
@@ -355,12 +359,13 @@ def run(recipe: Recipe, overrides: list[str] = ()) -> dict:
                disable=not (main and sys.stderr.isatty()))
     params = [p for p in model.parameters() if p.requires_grad]
     pad_id = tokenizer.pad_token_id
+    mask_dtype = model.get_input_embeddings().weight.dtype
     last_loss = float("nan")
     while step < total_steps and not state.stop_reason:
         t0 = time.perf_counter()
         indices = sampler.batch_at(step)
-        batches = [collate([encoded[i] for i in mb], pad_id, device)
-                   for mb in micro_batches(dist.shard(indices), t.micro_batch, lengths, t.sampler.group_by_length)]
+        batches = step_batches([encoded[i] for i in dist.shard(indices)], pad_id, plan.train, recipe.data.max_len,
+                               mask_dtype, device)
         # the whole step's denominator, on every rank: summed gradients are the whole batch's gradient
         denom = sum(encoded[i].n_answer_tokens for i in indices) if t.loss_weighting == "token" else len(indices)
         try:
@@ -371,9 +376,9 @@ def run(recipe: Recipe, overrides: list[str] = ()) -> dict:
             if fault("nan", step + 1):
                 loss = loss * float("nan")
         except torch.cuda.OutOfMemoryError:
-            width = max(b.input_ids.shape[1] for b in batches)
-            raise TrainingError(f"step {step + 1}: CUDA out of memory at micro-batch {t.micro_batch} x "
-                                f"{width} tokens; lower train.micro_batch (raise train.grad_accum to keep the "
+            rows, width = max(tuple(b.input_ids.shape) for b in batches)
+            raise TrainingError(f"step {step + 1}: CUDA out of memory at {rows} rows x {width} tokens a "
+                                f"forward; lower train.micro_batch (raise train.grad_accum to keep the "
                                 f"batch) or data.max_len") from None
         lr = lr_at(step, base_lr=t.lr, total_steps=total_steps, scheduler=t.scheduler,
                    warmup_ratio=t.warmup_ratio, min_lr_ratio=t.min_lr_ratio)
@@ -400,7 +405,7 @@ def run(recipe: Recipe, overrides: list[str] = ()) -> dict:
         elapsed = time.perf_counter() - t0
         tokens = int(dist.sum_scalar(torch.tensor(float(sum(b.n_tokens for b in batches)), device=device)))
         event = {"event": "train", "step": step, "epoch": round(sampler.epoch_at(step - 1), 4),
-                 "loss": loss_value, "lr": lr, "tokens_per_s": tokens / elapsed,
+                 "loss": loss_value, "lr": lr, "step_s": round(elapsed, 4), "tokens_per_s": tokens / elapsed,
                  "peak_mem_gib": round(peak_memory_gib(device), 3)}
         metrics.write(event)
         bar.update(1)

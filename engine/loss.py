@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -10,36 +9,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from decode.forward import decoder_and_head, hidden_states
-from engine.data import Encoded
-
-
-@dataclass
-class Batch:
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    labels: torch.Tensor
-
-    @property
-    def n_tokens(self) -> int:
-        return int(self.attention_mask.sum())
-
-    @property
-    def n_answer_tokens(self) -> int:
-        return int((self.labels[:, 1:] != -100).sum())
-
-
-def collate(items: Sequence[Encoded], pad_id: int, device: torch.device | str = "cpu") -> Batch:
-    """Right-pad to the longest item of the micro-batch."""
-    width = max(len(it.input_ids) for it in items)
-    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(items), width), dtype=torch.long)
-    labels = torch.full((len(items), width), -100, dtype=torch.long)
-    for row, it in enumerate(items):
-        n = len(it.input_ids)
-        ids[row, :n] = torch.tensor(it.input_ids)
-        mask[row, :n] = 1
-        labels[row, :n] = torch.tensor(it.labels)
-    return Batch(ids.to(device), mask.to(device), labels.to(device))
+from engine.batch import Batch
 
 
 def _head_ce(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -47,16 +17,16 @@ def _head_ce(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def answer_positions(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The last hidden state at every position that predicts an answer token, that token, and the batch
-    row of each (row-major order, so a row's first entry predicts its first answer token)."""
-    hidden = hidden_states(model, batch.input_ids, batch.attention_mask)
+    """The last hidden state at every position that predicts an answer token, that token, and the example
+    of each (row-major order, so an example's first entry predicts its first answer token)."""
+    hidden = hidden_states(model, batch.input_ids, batch.attention_mask, batch.position_ids)
     targets = batch.labels[:, 1:]
     keep = targets != -100
-    return hidden[:, :-1][keep], targets[keep], keep.nonzero()[:, 0]
+    return hidden[:, :-1][keep], targets[keep], batch.owners(keep)
 
 
 def answer_token_losses(model, batch: Batch, chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-answer-token cross-entropy (fp32) and the batch row each token belongs to.
+    """Per-answer-token cross-entropy (fp32) and the example each token belongs to.
 
     With `chunk` > 0 and more labelled positions than that, the head and the loss run `chunk` positions at
     a time under activation checkpointing, so the fp32 logits of at most one chunk ever exist (they are
@@ -72,7 +42,7 @@ def answer_token_losses(model, batch: Batch, chunk: int = 0) -> tuple[torch.Tens
     return ce, rows
 
 
-def weighted_loss_sum(ce: torch.Tensor, rows: torch.Tensor, n_rows: int, weighting: str) -> torch.Tensor:
+def weighted_loss_sum(ce: torch.Tensor, owners: torch.Tensor, n_examples: int, weighting: str) -> torch.Tensor:
     """The micro-batch's share of the step loss, before division by the step's denominator.
 
     token: sum of token losses (the step divides by its answer-token count);
@@ -80,8 +50,8 @@ def weighted_loss_sum(ce: torch.Tensor, rows: torch.Tensor, n_rows: int, weighti
     """
     if weighting == "token":
         return ce.sum()
-    counts = torch.zeros(n_rows, device=ce.device).index_add_(0, rows, torch.ones_like(ce))
-    sums = torch.zeros(n_rows, device=ce.device).index_add_(0, rows, ce)
+    counts = torch.zeros(n_examples, device=ce.device).index_add_(0, owners, torch.ones_like(ce))
+    sums = torch.zeros(n_examples, device=ce.device).index_add_(0, owners, ce)
     return (sums[counts > 0] / counts[counts > 0]).sum()
 
 
@@ -97,13 +67,13 @@ def forward_backward(model, batches: Sequence[Batch], weighting: str, chunk: int
     if denom is None and weighting == "token":
         denom = sum(b.n_answer_tokens for b in batches)
     elif denom is None:
-        denom = sum(int(((b.labels[:, 1:] != -100).sum(1) > 0).sum()) for b in batches)
+        denom = sum(b.n_labelled_examples for b in batches)
     device = batches[0].input_ids.device
     loss = torch.zeros((), device=device)
     for b in batches:
         with autocast(device):
-            ce, rows = answer_token_losses(model, b, chunk)
-        part = weighted_loss_sum(ce, rows, b.input_ids.shape[0], weighting) / max(1, denom)
+            ce, owners = answer_token_losses(model, b, chunk)
+        part = weighted_loss_sum(ce, owners, b.n_examples, weighting) / max(1, denom)
         part.backward()
         loss += part.detach()
     return loss

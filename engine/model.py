@@ -45,6 +45,9 @@ def load_tokenizer(model_dir: str | Path):
         raise UserError(f"{model_dir}: tokenizer has no eos token (expected <|im_end|>)")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    # A.X's config asks for the WordPiece space clean-up, which strips real spaces before punctuation from BPE
+    # text; transformers 5 skips it (with a warning on every run) and 4.46 applies it: off, both decode alike.
+    tok.clean_up_tokenization_spaces = False
     return tok
 
 

@@ -112,9 +112,3 @@ class Sampler:
         steps = [idx[k: k + self.batch] for k in range(0, size, self.batch)]
         rng = np.random.default_rng([self.seed, phase_index, window, 1])
         return tuple(i for s in rng.permutation(len(steps)) for i in steps[s])
-
-
-def micro_batches(indices: Sequence[int], micro_batch: int, lengths: Sequence[int], sort: bool) -> list[list[int]]:
-    """Split one step's examples into micro-batches; sorted by length first when asked, to cut padding."""
-    order = sorted(indices, key=lambda i: -lengths[i]) if sort else list(indices)
-    return [order[k: k + micro_batch] for k in range(0, len(order), micro_batch)]

@@ -11,7 +11,8 @@ from decode.forward import last_token_logits
 from engine.config import ModelConfig, Recipe
 from engine.data import read_examples
 from engine.evaluate import Evaluator, eager, teacher_forced
-from engine.loss import answer_token_losses, collate, forward_backward
+from engine.batch import collate
+from engine.loss import answer_token_losses, forward_backward
 from engine.model import load_base_model
 
 

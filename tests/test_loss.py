@@ -4,7 +4,8 @@ import torch
 from conftest import SAMPLE, compiled_checkpoint
 from engine.config import LoraConfig, ModelConfig
 from engine.data import encode_all, read_examples
-from engine.loss import Batch, answer_token_losses, collate, forward_backward, weighted_loss_sum
+from engine.batch import Batch, collate
+from engine.loss import answer_token_losses, forward_backward, weighted_loss_sum
 from engine.model import add_lora, load_base_model
 
 

@@ -15,7 +15,8 @@ from conftest import ROOT, SAMPLE, compiled_checkpoint
 from engine.config import LoraConfig, ModelConfig
 from engine.data import encode_all, read_examples
 from engine.errors import UserError
-from engine.loss import collate, forward_backward
+from engine.batch import collate
+from engine.loss import forward_backward
 from engine.model import CheckpointedMatmulTags, add_lora, load_base_model
 from engine.nf4 import dequantize_in_graph, dequantize_nf4, dequantized_weights
 

@@ -1,7 +1,7 @@
 from collections import Counter
 
 from engine.config import PhaseConfig, SamplerConfig, TrainConfig
-from engine.sampling import Sampler, micro_batches
+from engine.sampling import Sampler
 from engine.schedule import lr_at
 
 KINDS = ["mc"] * 80 + ["subj"] * 20
@@ -38,6 +38,10 @@ def test_subjective_weight_draws_three_times_as_often():
     assert 2.7 < per_example < 3.3
 
 
+def chunks(indices, size):
+    return [indices[k:k + size] for k in range(0, len(indices), size)]
+
+
 def test_length_grouping_keeps_the_examples_and_cuts_padding():
     plain = Sampler(KINDS, LENGTHS, cfg(epochs=1), 0)
     grouped = Sampler(KINDS, LENGTHS, cfg(epochs=1, sampler=SamplerConfig(group_by_length=True)), 0)
@@ -47,7 +51,7 @@ def test_length_grouping_keeps_the_examples_and_cuts_padding():
 
     def padding(sampler):
         return sum(max(LENGTHS[i] for i in mb) * len(mb) - sum(LENGTHS[i] for i in mb)
-                   for s in range(8) for mb in micro_batches(sampler.batch_at(s), 4, LENGTHS, False))
+                   for s in range(8) for mb in chunks(sampler.batch_at(s), 4))
     assert padding(grouped) < padding(plain) / 2
 
 

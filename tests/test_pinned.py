@@ -1,0 +1,42 @@
+"""The tiny recipe's first ten training losses, pinned (fp32, CPU, the tiny model built from data/sample.csv with
+seed 0), as torchtune pins its recipes' losses: a change to the data, the labels, the sampler, the schedule,
+the loss or the model's construction moves them. Update them only for a change meant to move them, and say so
+in its commit. A run killed after step 7 and resumed from its step-5 checkpoint logs the same ten.
+
+Written against PyTorch 2.13 (CPU) and transformers 5.24; the same on 1 and 2 threads."""
+import os
+
+from conftest import events, run_cli, tiny_overrides
+
+PINNED = [3.9096096, 4.6064844, 3.6028984, 3.0320585, 3.2968531, 3.1123748, 3.007153, 3.2161505, 2.9243581, 3.1987069]
+SHORT = ("train.max_steps=10", "eval.every_steps=0", "checkpoint.at_steps=[5]")
+
+
+def losses(run_dir) -> list[float]:
+    return [e["loss"] for e in events(run_dir, "train")]
+
+
+def assert_pinned(got: list[float]) -> None:
+    assert len(got) == len(PINNED)
+    assert max(abs(a - b) for a, b in zip(got, PINNED)) < 1e-5, got
+
+
+def test_the_tiny_recipes_first_ten_losses_are_pinned(tiny_model, tmp_path):
+    r = run_cli("train.py", "recipes/tiny.yaml", *tiny_overrides(tiny_model, tmp_path / "run", *SHORT))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert_pinned(losses(tmp_path / "run"))
+
+
+def test_a_killed_and_resumed_run_logs_the_pinned_losses(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    os.environ["FSKU_FAULT"] = "kill-step@7"
+    try:
+        killed = run_cli("train.py", "recipes/tiny.yaml", *tiny_overrides(tiny_model, out, *SHORT))
+    finally:
+        del os.environ["FSKU_FAULT"]
+    assert killed.returncode == -9
+    assert len(losses(out)) == 6
+    resumed = run_cli("train.py", "recipes/tiny.yaml", *tiny_overrides(tiny_model, out, *SHORT))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stderr + resumed.stdout
+    assert_pinned(losses(out))
