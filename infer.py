@@ -191,7 +191,7 @@ def main() -> int:
     from decode.subjective import answer_subjective
     from engine.data import cut_prompt, encode_prompt, prompt_ids
     from engine.loss import autocast
-    from engine.fused_lora import set_lora_forward
+    from engine.perf.lora_forward import set_lora_forward
     from engine.model import load_adapter, load_base_model, load_tokenizer, merged_for_inference
 
     partial = args.out.with_name(args.out.name + ".partial.jsonl")

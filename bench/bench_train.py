@@ -29,7 +29,7 @@ from engine.config import LoraConfig, ModelConfig, TrainConfig
 from engine.data import Encoded
 from engine.batch import collate
 from engine.loss import forward_backward
-from engine.model import compile_layers, keep_activations
+from engine.perf.levers import compile_layers, keep_activations
 
 WARMUP = 3
 VOCAB_LOW = 1000  # random ids above the special tokens
@@ -156,7 +156,8 @@ def levers_of(variant: str) -> TrainConfig:
 
 
 def our_model(model_dir: str, train: TrainConfig | None = None):
-    from engine.model import add_lora, apply_speed_levers, load_base_model
+    from engine.model import add_lora, load_base_model
+    from engine.perf.levers import apply_speed_levers
 
     model = add_lora(load_base_model(ModelConfig(path=model_dir, quant="nf4")), LoraConfig(), True)
     apply_speed_levers(model, train or TrainConfig())

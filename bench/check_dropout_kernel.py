@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from bench.common import cuda_ms, write_json
-from engine.dropout_kernel import dropped, keep_mask, lora_a_dropout
+from engine.perf.dropout_kernel import dropped, keep_mask, lora_a_dropout
 
 
 def check(tokens: int, width: int, rank: int = 16, p: float = 0.05) -> dict:

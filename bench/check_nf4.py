@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from bench.common import cuda_ms, write_json
-from engine.nf4 import dequantize_nf4, dequantize_nf4_op
+from engine.perf.nf4 import dequantize_nf4, dequantize_nf4_op
 
 SHAPES = [(3584, 3584), (512, 3584), (18944, 3584), (3584, 18944)]  # q/o, k/v, gate/up, down
 

@@ -24,8 +24,8 @@ from decode.forward import causal_lm
 def supports(model) -> bool:
     """Qwen2 family, full attention; a 4-bit model only with its LoRA updates merged (eval's merged-on-the-fly
     model), since the loop ran slower than HF `generate` through 4-bit layers with peft's LoRA branches."""
-    from engine.fused_lora import runs_lora_branches
-    from engine.model import is_4bit
+    from engine.lora import runs_lora_branches
+    from engine.lora import is_4bit
 
     lm = causal_lm(model)
     cfg = lm.config

@@ -19,7 +19,7 @@ from decode.subjective import answer_subjective
 from engine.config import Recipe
 from engine.errors import UserError
 from engine.files import atomic_write_text
-from engine.fused_lora import lora_merged_on_the_fly
+from engine.lora import lora_merged_on_the_fly
 from engine.data import Encoded, Example, encode_all, prompt_ids
 from engine.batch import collate
 from engine.loss import answer_positions, autocast

@@ -38,8 +38,8 @@ from engine.labels import check_labels
 from engine.loss import forward_backward
 from engine.perf.packing import step_batches
 from engine.perf.speed import speed_up
-from engine.model import (add_lora, count_parameters, ensure_tiny_model, is_4bit,
-                          load_base_model, load_tokenizer)
+from engine.model import add_lora, count_parameters, ensure_tiny_model, load_base_model, load_tokenizer
+from engine.lora import is_4bit
 from engine.sampling import Sampler
 from engine.schedule import lr_at
 from engine.split import cap_kinds, check_disjoint, pin_eval_subset, split_train_eval

@@ -99,7 +99,7 @@ def compiled_checkpoint(body, save: bool, prepare=lambda graph: None, checkpoint
     import torch
     from torch._dynamo.backends.common import aot_autograd
     from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
-    from engine.model import CheckpointedMatmulTags
+    from engine.perf.levers import CheckpointedMatmulTags
 
     graphs = {}
 

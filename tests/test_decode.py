@@ -140,7 +140,7 @@ def test_fast_greedy_generation_gives_the_tokens_of_hf_generate(model, tiny_mode
     import contextlib
 
     from engine.config import LoraConfig
-    from engine.fused_lora import lora_merged_on_the_fly
+    from engine.lora import lora_merged_on_the_fly
     from engine.model import add_lora
 
     m = model
@@ -183,7 +183,7 @@ def check_fast_generation(m, tiny_tokenizer):
 def test_fast_generation_leaves_4bit_models_with_lora_branches_to_hf_generate(tiny_model):
     from decode.fast_generate import supports
     from engine.config import LoraConfig
-    from engine.fused_lora import lora_merged_on_the_fly
+    from engine.lora import lora_merged_on_the_fly
     from engine.model import add_lora
     m = add_lora(load_base_model(ModelConfig(path=str(tiny_model), quant="none")), LoraConfig(r=4), False).eval()
     assert supports(m)

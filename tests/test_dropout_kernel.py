@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.dropout_kernel import dropped, keep_mask, lora_a_dropout, lora_a_with_dropout, threshold
+from engine.perf.dropout_kernel import dropped, keep_mask, lora_a_dropout, lora_a_with_dropout
+from engine.perf.dropout_hash import threshold
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,7 +59,7 @@ def test_lora_a_with_dropout_computes_in_the_autocast_dtype_and_draws_a_seed_a_c
 
 INTERPRETED = """
 import torch
-from engine import dropout_kernel as dk, dropout_triton as dt
+from engine.perf import dropout_kernel as dk, dropout_triton as dt
 torch.manual_seed(0)
 for n, k, r in ((70, 130, 16), (64, 64, 4), (5, 2000, 32), (129, 640, 16)):
     x, w, g = torch.randn(n, k), torch.randn(r, k) * 0.1, torch.randn(n, r)
@@ -85,7 +86,7 @@ def test_triton_kernels_match_the_torch_ops_in_the_interpreter():
 
 TUNED = """
 import torch, triton.testing
-from engine import dropout_kernel as dk, dropout_triton as dt
+from engine.perf import dropout_kernel as dk, dropout_triton as dt
 dt._INTERPRETED = False  # the launch path a GPU takes, its timing faked: tile 4 of _TILES is the fastest
 timed = []
 def fake_bench(fn, **_):

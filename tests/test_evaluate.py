@@ -69,7 +69,8 @@ def test_eval_runs_compiled_layers_eagerly(tiny_model, tiny_tokenizer):
     import torch._dynamo as dynamo
 
     from engine.config import LoraConfig
-    from engine.model import add_lora, compile_layers
+    from engine.model import add_lora
+    from engine.perf.levers import compile_layers
 
     torch.manual_seed(0)
     model = add_lora(load_base_model(ModelConfig(path=str(tiny_model), quant="none")), LoraConfig(r=4), True)
@@ -94,7 +95,8 @@ def test_eval_with_lora_merged_on_the_fly_equals_peft(tiny_model, tiny_tokenizer
     """eval.merge_lora: the same logits, eval_loss and answers as peft's LoRA layers; on exit every layer's
     forward is what it was (peft's, or the training levers')."""
     from engine.config import LoraConfig
-    from engine.fused_lora import lora_linears, lora_merged_on_the_fly, set_lora_forward, training_forward
+    from engine.lora import lora_linears, lora_merged_on_the_fly
+    from engine.perf.lora_forward import set_lora_forward, training_forward
     from engine.model import add_lora
 
     torch.manual_seed(0)

@@ -108,7 +108,7 @@ class HashedDropout(torch.nn.Module):
         self.p = p
 
     def forward(self, x):
-        from engine.dropout_kernel import dropped, keep_mask, new_seed
+        from engine.perf.dropout_kernel import dropped, keep_mask, new_seed
         flat = x.reshape(-1, x.shape[-1])
         return dropped(flat, keep_mask(new_seed(x.device), *flat.shape, self.p), self.p).view(x.shape)
 
@@ -122,8 +122,9 @@ def test_speed_levers_keep_the_same_loss(setup, tiny_model, lever):
     """Each switch of train.* that buys speed computes the same loss and gradient (fp32, 1e-4); with
     train.dropout_kernel, against PyTorch ops dropping what its hash drops."""
     import torch._inductor.config
-    from engine.fused_lora import lora_linears, set_lora_forward, training_forward
-    from engine.model import compile_layers, keep_activations
+    from engine.lora import lora_linears
+    from engine.perf.lora_forward import set_lora_forward, training_forward
+    from engine.perf.levers import compile_layers, keep_activations
     _, enc, pad = setup
     batch = collate(enc, pad)
     dropout = 0.1 if "dropout" in lever else 0.0
@@ -165,7 +166,7 @@ def mlp_forward_counts(model, batch) -> list[int]:
 
 
 def test_keep_activations_skips_the_recompute_of_the_last_layers(setup, tiny_model):
-    from engine.model import keep_activations
+    from engine.perf.levers import keep_activations
     _, enc, pad = setup
     batch = collate(enc[:2], pad)
     model = fresh_model(tiny_model, True)
@@ -199,7 +200,7 @@ def test_compiled_recompute_skips_the_down_projection(setup, tiny_model):
     runs again only what backward reads: the gate and up projections (their base weights feed a recompute
     and an input-gradient matmul there), not the down projection (its input gradient alone)."""
     from torch._dynamo.backends.common import aot_autograd
-    from engine.model import compile_layers, keep_activations
+    from engine.perf.levers import compile_layers, keep_activations
     _, enc, pad = setup
     graphs = {}
 
@@ -227,7 +228,7 @@ def test_checkpointed_4bit_matmuls_are_recomputed_or_saved_as_asked(save):
     backward, or kept for it with train.save_matmuls; the gradient is the same either way."""
     import bitsandbytes.functional as bnbf
     from bitsandbytes import matmul_4bit
-    from engine.model import CheckpointedMatmulTags
+    from engine.perf.levers import CheckpointedMatmulTags
 
     torch.manual_seed(0)
     weights = [bnbf.quantize_4bit(torch.randn(n, k), quant_type="nf4") for n, k in ((96, 64), (64, 96))]
@@ -257,7 +258,7 @@ def test_checkpointed_4bit_matmuls_are_recomputed_or_saved_as_asked(save):
 def test_checkpointed_dropout_kernel_output_is_kept_not_recomputed():
     """CheckpointedMatmulTags keeps the fused LoRA-dropout op's output (rank r wide) for backward: the
     backward graph runs only the op's backward, never its forward again; the gradient is unchanged."""
-    from engine.dropout_kernel import lora_a_with_dropout
+    from engine.perf.dropout_kernel import lora_a_with_dropout
 
     torch.manual_seed(0)
     lora_a = torch.nn.Parameter(torch.randn(4, 64) * 0.1)
@@ -284,7 +285,7 @@ def test_save_matmuls_tags_the_first_layers_and_checks_the_count(tiny_model, mon
     """train.save_matmuls=N: the first N layers compile with the pass that keeps their 4-bit matmul
     outputs, the others with the one that recomputes them; more than the model's layers is a user error."""
     from engine.errors import UserError
-    from engine.model import CheckpointedMatmulTags, compile_layers
+    from engine.perf.levers import CheckpointedMatmulTags, compile_layers
     model = fresh_model(tiny_model, True)
     given = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: given.append(kw["options"]))
@@ -297,7 +298,7 @@ def test_save_matmuls_tags_the_first_layers_and_checks_the_count(tiny_model, mon
 
 def test_keep_activations_beyond_the_layer_count_is_a_user_error(tiny_model):
     from engine.errors import UserError
-    from engine.model import keep_activations
+    from engine.perf.levers import keep_activations
     with pytest.raises(UserError, match="train.keep_activations: 3 is more than the model's 2 layers"):
         keep_activations(fresh_model(tiny_model, True), 3)
 
@@ -306,7 +307,7 @@ def test_expanded_double_quant_dequantizes_to_the_same_weights():
     """train.expand_double_quant: fp32 block scales stored once; the 4-bit weight dequantizes bit for bit
     as before."""
     import bitsandbytes.functional as bnbf
-    from engine.model import expand_double_quant
+    from engine.perf.levers import expand_double_quant
 
     torch.manual_seed(0)
     layer = torch.nn.Linear(256, 64, bias=False)

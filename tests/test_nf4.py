@@ -17,8 +17,9 @@ from engine.data import encode_all, read_examples
 from engine.errors import UserError
 from engine.batch import collate
 from engine.loss import forward_backward
-from engine.model import CheckpointedMatmulTags, add_lora, load_base_model
-from engine.nf4 import dequantize_in_graph, dequantize_nf4, dequantized_weights
+from engine.perf.levers import CheckpointedMatmulTags
+from engine.model import add_lora, load_base_model
+from engine.perf.nf4 import dequantize_in_graph, dequantize_nf4, dequantized_weights
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -47,8 +48,8 @@ def test_dequantize_nf4_is_bitsandbytes_dequantization(dtype, shape, blocksize):
 
 INTERPRETED = """
 import torch, bitsandbytes.functional as bnbf
-from engine.nf4 import dequantize_nf4
-from engine.nf4_triton import BLOCK, dequantize
+from engine.perf.nf4 import dequantize_nf4
+from engine.perf.nf4_triton import BLOCK, dequantize
 torch.manual_seed(0)
 for rows, cols in ((128, 192), (3, 64), (40, 2 * BLOCK + 64)):  # a run of bytes split over programs
     packed, state = bnbf.quantize_4bit(torch.randn(rows, cols), quant_type="nf4")

@@ -6,7 +6,8 @@ import torch
 
 from decode.forward import causal_lm
 from engine.config import Recipe
-from engine.model import apply_speed_levers, is_4bit
+from engine.perf.levers import apply_speed_levers
+from engine.lora import is_4bit
 from engine.perf.plan import Plan, plan_speed
 
 

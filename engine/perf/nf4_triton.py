@@ -1,9 +1,9 @@
-"""The CUDA side of `engine.nf4`: one Triton kernel that dequantizes an NF4 weight, each program a run of
+"""The CUDA side of `engine.perf.nf4`: one Triton kernel that dequantizes an NF4 weight, each program a run of
 packed bytes (two weights a byte, high nibble first) written out as twice as many values. Imported only
 when a CUDA tensor reaches the op (Triton ships with PyTorch's CUDA builds).
 
 On an H200 it dequantizes A.X 4.0 Light's gate projection (18,944 x 3,584) in 0.05-0.09 ms across runs,
-about bitsandbytes' 0.076 ms, where inductor's kernel for `engine.nf4.dequantize_nf4`'s ops takes 0.28 ms
+about bitsandbytes' 0.076 ms, where inductor's kernel for `engine.perf.nf4.dequantize_nf4`'s ops takes 0.28 ms
 (`bench/check_nf4.py`), bit for bit the same weights.
 """
 from __future__ import annotations

@@ -18,6 +18,7 @@ import types
 import torch
 
 from engine.errors import UserError
+from engine.lora import is_4bit
 
 _MATMULS = {"mm", "addmm", "bmm", "baddbmm"}
 
@@ -36,7 +37,7 @@ def dequantize_nf4_op(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Te
                       cols: int, dtype: torch.dtype) -> torch.Tensor:
     """`dequantize_nf4` of a rows x cols weight: on CUDA through the Triton kernel."""
     if packed.is_cuda:
-        from engine.nf4_triton import dequantize
+        from engine.perf.nf4_triton import dequantize
         return dequantize(packed, absmax, code, blocksize, rows, cols, dtype)
     return dequantize_nf4(packed, absmax, code, torch.Size((rows, cols)), blocksize, dtype)
 
@@ -53,7 +54,6 @@ def nf4_linear_forward(self, x: torch.Tensor) -> torch.Tensor:
 def dequantize_in_graph(model) -> int:
     """Give every 4-bit linear of `model` `nf4_linear_forward`; returns how many. Its block scales must be
     fp32 already (train.expand_double_quant): the double-quant step in PyTorch ops would round differently."""
-    from engine.model import is_4bit
 
     changed = 0
     for name, module in model.named_modules():

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine import dropout_kernel as hashing
+from engine.perf import dropout_hash as hashing
 
 ROW_MULT, COL_MULT = tl.constexpr(hashing.ROW_MULT), tl.constexpr(hashing.COL_MULT)
 MIX1, MIX2 = tl.constexpr(hashing.MIX1), tl.constexpr(hashing.MIX2)
