@@ -23,12 +23,13 @@ class Batch:
     one example per row (row r is example r)."""
     position_ids: Optional[torch.Tensor] = None
     """None means 0, 1, 2, ... along each row."""
+    packed_examples: Optional[int] = None
+    """How many examples the packed rows hold (known when they are built: counting `example_ids` on the device
+    would wait for the GPU every forward). None with one example per row."""
 
     @property
     def n_examples(self) -> int:
-        if self.example_ids is None:
-            return int(self.input_ids.shape[0])
-        return int(self.example_ids.max()) + 1
+        return int(self.input_ids.shape[0]) if self.packed_examples is None else self.packed_examples
 
     @property
     def n_tokens(self) -> int:

@@ -75,7 +75,7 @@ def pack_rows(items: Sequence[Encoded], rows: Sequence[Sequence[int]], width: in
             at, example = at + n, example + 1
     owner = owner.to(device)
     return Batch(ids.to(device), block_causal_mask(owner, mask_dtype), labels.to(device), owner,
-                 positions.to(device))
+                 positions.to(device), packed_examples=example)
 
 
 def packed_layout(lengths: Sequence[int], tokens_per_forward: int) -> tuple[int, list[list[int]]]:
