@@ -167,6 +167,81 @@ def write_csv_atomically(path: Path, examples, answers: dict[str, str]) -> None:
     atomic_write_text(path, buf.getvalue(), before_replace=lambda: fault("kill-infer-write"))
 
 
+def check_out_dir(out: Path) -> None:
+    if not out.parent.is_dir():
+        raise UserError(f"--out: directory {out.parent} does not exist")
+    if not os.access(out.parent, os.W_OK):
+        raise UserError(f"--out: directory {out.parent} is not writable")
+
+
+def open_partial(partial: Path, key: str, n_questions: int) -> dict[str, str]:
+    """The answers an earlier run of this job left in `partial`, or a fresh file headed by the job's key."""
+    answers = read_partial(partial, key)
+    if answers:
+        print(f"resuming: {len(answers)} of {n_questions} answers already in {partial}", file=sys.stderr)
+    else:
+        partial.write_text(json.dumps({"fingerprint": key}) + "\n", encoding="utf-8")
+    return answers
+
+
+def load_for_inference(recipe, adapter, merge: bool):
+    """(model in eval mode, tokenizer, seconds): the base, the adapter, then merged (or LoRA kept apart)."""
+    import torch
+    from engine.perf.lora_forward import set_lora_forward
+    from engine.model import load_adapter, load_base_model, load_tokenizer, merged_for_inference
+
+    t0 = time.perf_counter()
+    torch.manual_seed(recipe.seed)
+    tokenizer = load_tokenizer(recipe.model.path)
+    model = load_base_model(recipe.model)
+    if adapter is not None:
+        model = load_adapter(model, adapter)
+    model = merged_for_inference(model) if merge else set_lora_forward(model, fused_update=True)
+    return model.eval(), tokenizer, time.perf_counter() - t0
+
+
+def prompts_for(tokenizer, examples, recipe) -> list[list[int]]:
+    from engine.data import cut_prompt, encode_prompt
+
+    sp, max_len = recipe.data.system_prompt, recipe.data.max_len
+    full = [encode_prompt(tokenizer, ex, sp) for ex in examples]
+    if cut := sum(len(p) > max_len for p in full):
+        print(f"{cut} of {len(examples)} prompts cut to data.max_len={max_len} tokens (their start is dropped)",
+              file=sys.stderr)
+    return [cut_prompt(p, max_len) for p in full]
+
+
+def answer_all(model, tokenizer, examples, prompts, recipe, answers: dict[str, str], partial: Path) -> dict:
+    """Fill `answers` batch by batch (each batch appended to `partial` as it is done); seconds per kind."""
+    from tqdm import tqdm
+    from decode.answer import answer_batches
+    from decode.digits import digit_token_ids
+    from engine.data import prompt_ids
+    from engine.loss import autocast
+
+    sp, max_len = recipe.data.system_prompt, recipe.data.max_len
+    counts = {k: sum(ex.kind == k for ex in examples) for k in ("mc", "subj")}
+    seconds = {"mc": 0.0, "subj": 0.0}
+    done = {i for i, ex in enumerate(examples) if ex.id in answers}
+    bar = tqdm(total=len(examples), initial=len(answers), desc="infer", unit="q", file=sys.stderr)
+    with autocast(next(model.parameters()).device):
+        for got in answer_batches(model, tokenizer, examples, prompts,
+                                  lambda ex: prompt_ids(tokenizer, ex, sp, max_len),
+                                  digit_token_ids(tokenizer, prompts[0]), recipe.decode, done=done,
+                                  fallbacks=[ex.question.splitlines()[0].strip() for ex in examples]):
+            if not seconds[got.kind]:
+                per_q = got.seconds / len(got.rows)
+                bar.write(f"{got.kind}: {per_q * 1000:.1f} ms a question -> about {per_q * counts[got.kind]:.1f} s "
+                          f"for its {counts[got.kind]} questions", file=sys.stderr)
+            seconds[got.kind] += got.seconds
+            new = {examples[i].id: a for i, a in zip(got.rows, got.answers)}
+            append_partial(partial, new)
+            answers.update(new)
+            bar.update(len(got.rows))
+    bar.close()
+    return seconds
+
+
 def main() -> int:
     quiet_library_noise()
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -174,50 +249,18 @@ def main() -> int:
     args = parse_args()
     from engine.data import read_examples
     examples = read_examples(args.test, require_answer=False)
-    if not args.out.parent.is_dir():
-        raise UserError(f"--out: directory {args.out.parent} does not exist")
-    if not os.access(args.out.parent, os.W_OK):
-        raise UserError(f"--out: directory {args.out.parent} is not writable")
+    check_out_dir(args.out)
     recipe, adapter = settings(args)
     print(f"adapter: {adapter} ({adapter_step(adapter)})" if adapter else
           f"adapter: none, the base model {recipe.model.path} alone", file=sys.stderr, flush=True)
-
-    import torch
-    from tqdm import tqdm
-    from decode.batching import length_sorted_batches
-    from decode.digits import digit_token_ids
-    from decode.forward import warm_up
-    from decode.mc import answer_mc
-    from decode.subjective import answer_subjective
-    from engine.data import cut_prompt, encode_prompt, prompt_ids
-    from engine.loss import autocast
-    from engine.perf.lora_forward import set_lora_forward
-    from engine.model import load_adapter, load_base_model, load_tokenizer, merged_for_inference
-
     partial = args.out.with_name(args.out.name + ".partial.jsonl")
-    key = fingerprint(args.test, recipe, adapter, not args.no_merge)
-    answers = read_partial(partial, key)
-    if not answers:
-        partial.write_text(json.dumps({"fingerprint": key}) + "\n", encoding="utf-8")
-    else:
-        print(f"resuming: {len(answers)} of {len(examples)} answers already in {partial}", file=sys.stderr)
+    answers = open_partial(partial, fingerprint(args.test, recipe, adapter, not args.no_merge), len(examples))
 
-    t_load = time.perf_counter()
-    torch.manual_seed(recipe.seed)
-    tokenizer = load_tokenizer(recipe.model.path)
-    model = load_base_model(recipe.model)
-    if adapter is not None:
-        model = load_adapter(model, adapter)
-    model = set_lora_forward(model, fused_update=True) if args.no_merge else merged_for_inference(model)
-    model.eval()
+    from decode.forward import warm_up
+    from engine.loss import autocast
+    model, tokenizer, load_s = load_for_inference(recipe, adapter, merge=not args.no_merge)
     device = next(model.parameters()).device
-    load_s = time.perf_counter() - t_load
-    d, sp, max_len = recipe.decode, recipe.data.system_prompt, recipe.data.max_len
-    full_prompts = [encode_prompt(tokenizer, ex, sp) for ex in examples]
-    prompts = [cut_prompt(p, max_len) for p in full_prompts]
-    if cut := sum(len(p) > max_len for p in full_prompts):
-        print(f"{cut} of {len(examples)} prompts cut to data.max_len={max_len} tokens (their start is dropped)",
-              file=sys.stderr)
+    prompts = prompts_for(tokenizer, examples, recipe)
     t_warm = time.perf_counter()
     with autocast(device):
         warm_up(model, prompts[0], tokenizer.pad_token_id)
@@ -227,50 +270,18 @@ def main() -> int:
           f"{'4-bit + LoRA' if args.no_merge else 'merged'}, {next(model.parameters()).dtype}, "
           f"device {device.type})", file=sys.stderr)
 
-    digit_ids = digit_token_ids(tokenizer, prompts[0])
-    fallbacks = [ex.question.splitlines()[0].strip() for ex in examples]
-    mc = [i for i, ex in enumerate(examples) if ex.kind == "mc"]
-    subj = [i for i, ex in enumerate(examples) if ex.kind == "subj"]
-    seconds = {"mc": 0.0, "subj": 0.0}
-    projected: set[str] = set()
-    bar = tqdm(total=len(examples), initial=len(answers), desc="infer", unit="q", file=sys.stderr)
     started = time.perf_counter()
-    for kind, idx, size in (("mc", mc, d.batch_size), ("subj", subj, d.subj_batch_size)):
-        for batch in length_sorted_batches([prompts[i] for i in idx], size):
-            rows = [idx[k] for k in batch]
-            if all(examples[i].id in answers for i in rows):
-                continue
-            t0 = time.perf_counter()
-            with torch.no_grad(), autocast(device):
-                if kind == "mc":
-                    got = [a.choice for a in answer_mc(
-                        model, tokenizer, [examples[i] for i in rows],
-                        lambda ex: prompt_ids(tokenizer, ex, sp, max_len), digit_ids, len(rows),
-                        d.mc_permutations)]
-                else:
-                    got = [a.text for a in answer_subjective(
-                        model, tokenizer, [prompts[i] for i in rows], batch_size=len(rows),
-                        fallbacks=[fallbacks[i] for i in rows], **d.generation_kwargs())]
-            seconds[kind] += time.perf_counter() - t0
-            if kind not in projected:
-                projected.add(kind)
-                per_q = seconds[kind] / len(rows)
-                bar.write(f"{kind}: {per_q * 1000:.1f} ms a question -> about {per_q * len(idx):.1f} s for "
-                          f"its {len(idx)} questions", file=sys.stderr)
-            new = {examples[i].id: a for i, a in zip(rows, got)}
-            append_partial(partial, new)
-            answers.update(new)
-            bar.update(len(rows))
-    bar.close()
+    seconds = answer_all(model, tokenizer, examples, prompts, recipe, answers, partial)
     check_answers(examples, answers)
     write_csv_atomically(args.out, examples, answers)
     partial.unlink(missing_ok=True)
     wall = time.perf_counter() - started
-    print(f"wrote {args.out}: {len(examples)} answers ({len(mc)} MC in {seconds['mc']:.1f} s, {len(subj)} "
+    n_mc = sum(ex.kind == "mc" for ex in examples)
+    print(f"wrote {args.out}: {len(examples)} answers ({n_mc} MC in {seconds['mc']:.1f} s, {len(examples) - n_mc} "
           f"subjective in {seconds['subj']:.1f} s), {wall:.1f} s after model load", file=sys.stderr)
-    print(json.dumps({"questions": len(examples), "mc": len(mc), "subj": len(subj), "load_s": round(load_s, 2),
-                      "warm_up_s": round(warm_s, 2), "mc_s": round(seconds["mc"], 3), "subj_s": round(seconds["subj"], 3),
-                      "after_load_s": round(wall, 3)}))
+    print(json.dumps({"questions": len(examples), "mc": n_mc, "subj": len(examples) - n_mc,
+                      "load_s": round(load_s, 2), "warm_up_s": round(warm_s, 2), "mc_s": round(seconds["mc"], 3),
+                      "subj_s": round(seconds["subj"], 3), "after_load_s": round(wall, 3)}))
     return 0
 
 

@@ -48,9 +48,10 @@ def run_train_py(recipe: str, model_dir: str, csv: str, steps: int, out_dir: Pat
             "overrides": [o for o in overrides if not o.startswith(BENCH_KEYS)]}
 
 
-def hf_rows(recipe_path: str, model_dir: str, csv: str, steps: int) -> dict:
+def fsku_steps(recipe_path: str, model_dir: str, csv: str, steps: int) -> tuple[list[list], int]:
+    """The HF-style steps of the CSV (a seeded permutation, micro_batch x grad_accum rows a step, tokenized as
+    train.py does) and grad_accum: what HF Trainer and Unsloth are both timed on."""
     import numpy as np
-    from bench.bench_train import hf_model, release_gpu_memory, run_hf
     from engine.config import load_recipe
     from engine.data import encode_all, read_examples
     from engine.model import load_tokenizer
@@ -61,12 +62,30 @@ def hf_rows(recipe_path: str, model_dir: str, csv: str, steps: int) -> dict:
                          recipe.data.max_len)
     order = np.random.default_rng(0).permutation(len(encoded))
     per_step = t.micro_batch * t.grad_accum
-    data = [[encoded[i] for i in order[k * per_step:(k + 1) * per_step]] for k in range(steps)]
+    return [[encoded[i] for i in order[k * per_step:(k + 1) * per_step]] for k in range(steps)], t.grad_accum
+
+
+def hf_rows(recipe_path: str, model_dir: str, csv: str, steps: int) -> dict:
+    from bench.bench_train import hf_model, release_gpu_memory, run_hf
+
+    data, grad_accum = fsku_steps(recipe_path, model_dir, csv, steps)
     model = hf_model(model_dir)
-    rows = {f"group_by_length={g}": run_hf(model, data, t.grad_accum, g) for g in (False, True)}
+    rows = {f"group_by_length={g}": run_hf(model, data, grad_accum, g) for g in (False, True)}
     del model
     release_gpu_memory()
     return rows
+
+
+def unsloth_rows(recipe_path: str, model_dir: str, csv: str, steps: int, site: str, out: Path) -> dict:
+    """bench/unsloth_cli.py in its own process (Unsloth patches transformers), its packages from `site`."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([site, os.getcwd()])}
+    log = out.with_name("cli_unsloth.log")
+    with open(log, "w") as f:
+        r = subprocess.run([sys.executable, "-m", "bench.unsloth_cli", recipe_path, model_dir, csv, str(steps),
+                            str(out.with_name("cli_unsloth.json"))], stdout=f, stderr=subprocess.STDOUT, env=env)
+    if r.returncode:
+        return {"error": f"exit {r.returncode}; see {log.name}"}
+    return json.loads(out.with_name("cli_unsloth.json").read_text())
 
 
 def main() -> None:
@@ -79,6 +98,7 @@ def main() -> None:
     p.add_argument("--key", default="brief_recipe", help='the entry under "cli" to write')
     p.add_argument("--ours-only", action="store_true", help="one train.py run (cold cache), no HF")
     p.add_argument("--override", action="append", default=[], help="more train.py overrides (KEY=VALUE)")
+    p.add_argument("--unsloth-site", help="where Unsloth's packages are installed: time Unsloth too (its own process)")
     a = p.parse_args()
     out = Path(a.out_json)
     work = Path(".cache/bench-cli")
@@ -93,7 +113,10 @@ def main() -> None:
     warm = run_train_py(a.recipe, a.model_dir, a.train_csv, a.steps, work / "warm", out.with_name("cli_warm.log"),
                         a.override)
     hf = hf_rows(a.recipe, a.model_dir, a.train_csv, a.steps)
+    unsloth = unsloth_rows(a.recipe, a.model_dir, a.train_csv, a.steps, a.unsloth_site, out) if a.unsloth_site else {}
     best_hf = min(hf.values(), key=lambda r: r["step_s"])
+    best_unsloth = min((r for r in unsloth.values() if isinstance(r, dict) and "step_s" in r),
+                       key=lambda r: r["step_s"], default={})
     entry = {"recipe": a.recipe, "csv": a.train_csv, "steps": a.steps, "warmup": WARMUP, "plan": warm["plan"],
              "hf_step_s": best_hf["step_s"], "hf_peak_gib": best_hf["peak_gib"], "hf_rows": hf,
              "ours_step_s": warm["step_s"], "ours_step_s_cold_run": cold["step_s"], "ours_peak_gib": warm["peak_gib"],
@@ -101,6 +124,9 @@ def main() -> None:
              "peak_mem_ratio_vs_hf": warm["peak_gib"] / best_hf["peak_gib"], "ours_overrides": warm["overrides"],
              "bench_overrides": [o for o in a.override if o.startswith(BENCH_KEYS)],
              "first_step_s_cold": cold["first_step_s"], "first_step_s_warm": warm["first_step_s"],
+             "unsloth_step_s": best_unsloth.get("step_s"), "unsloth_peak_gib": best_unsloth.get("peak_gib"),
+             "speedup_vs_unsloth": best_unsloth["step_s"] / warm["step_s"] if best_unsloth else None,
+             "unsloth_rows": unsloth,
              "card": card(), "date": time.strftime("%Y-%m-%d")}
     write_entry(out, a.key, entry)
 

@@ -6,7 +6,6 @@ there) beside HF `generate` in batches of 64.
 """
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 

@@ -97,8 +97,10 @@ def length_grouping(on: bool) -> dict:
     return {"train_sampling_strategy": "group_by_length" if on else "random"}
 
 
-def run_hf(model, data: list[list[Encoded]], grad_accum: int = 1, group_by_length: bool = False) -> dict:
-    """HF Trainer on `data`'s steps (`grad_accum` micro-batches each), padded to each micro-batch's longest."""
+def run_hf(model, data: list[list[Encoded]], grad_accum: int = 1, group_by_length: bool = False,
+           gradient_checkpointing: bool = True) -> dict:
+    """HF Trainer on `data`'s steps (`grad_accum` micro-batches each), padded to each micro-batch's longest.
+    `gradient_checkpointing` false leaves the model's own (Unsloth sets its own at get_peft_model)."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     timer = StepTimer()
@@ -117,7 +119,7 @@ def run_hf(model, data: list[list[Encoded]], grad_accum: int = 1, group_by_lengt
     args = TrainingArguments(output_dir="/tmp/hf-bench", per_device_train_batch_size=len(data[0]) // grad_accum,
                              gradient_accumulation_steps=grad_accum, **length_grouping(group_by_length),
                              max_steps=len(data), learning_rate=1e-4, bf16=torch.cuda.is_available(),
-                             gradient_checkpointing=True, optim="adamw_torch", logging_steps=10_000,
+                             gradient_checkpointing=gradient_checkpointing, optim="adamw_torch", logging_steps=10_000,
                              save_strategy="no", report_to=[], remove_unused_columns=False, dataloader_drop_last=True,
                              seed=0, disable_tqdm=True)
     dataset = [{"input_ids": e.input_ids, "labels": e.labels} for b in data for e in b]

@@ -4,8 +4,12 @@
 # dequantized in the graph; beyond 4 x 512 the first layers keeping their 4-bit matmul outputs and LoRA dropout
 # in its kernel; at 8 x 2048 a variant within 22 GiB too), "final-eval" (in-loop eval and infer.py beside HF
 # generate), "cli" (train.py recipes/baseline.yaml as users run it, cold and warm compile cache, beside HF
-# Trainer on the same CSV: bench/bench_cli.py), "loop" (train.py baseline 30 steps), ... Needs .whl (../shared/tools/gpu-carry.sh) and .carry
-# (A.X tokenizer files + FSKU dev CSV) carried along. Results land in $OUT.
+# Trainer on the same CSV: bench/bench_cli.py), "cli-all" (the same with Unsloth beside them, 20 steps), "profile-cli"
+# (the default plan's step under torch.profiler, through engine.loop's setup and train_step), "diagnose" (that
+# profile, an older commit's train.py from .carry/old6b, Unsloth), "loop" (train.py baseline 30 steps), ...
+# Needs .whl (../shared/tools/gpu-carry.sh; its kiwipiepy wheels may be left out: 35 MiB the bench never imports)
+# and .carry (A.X tokenizer files + FSKU dev CSV) carried along; "cli-all" and "diagnose" also .unsloth
+# (../shared/tools/unsloth-carry.sh). Results land in $OUT.
 set -uo pipefail
 stage=${1:-loop}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -19,7 +23,31 @@ t=$(date +%s)
 python3 -c "from pathlib import Path; from bench.common import make_random_model as m; m(Path('.carry/ax4-light-tokenizer'), Path('$M'))" || exit 1
 echo "model ready after $(( $(date +%s) - t )) s" >> "$OUT/gpu_$stage.txt"
 python3 -m bench.make_data .carry/fsku_dev.csv .carry/ax4-light-tokenizer $D || exit 1
-if [ "$stage" = cli ]; then
+if [ "$stage" = cli-all ]; then
+  # ours (cold, then warm compile cache), HF Trainer and Unsloth on one CSV, one card, one call (needs .unsloth
+  # carried too: ../shared/tools/unsloth-carry.sh); 20 steps each to fit the device's 10 minutes a call
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/usite \
+    .unsloth/whl/*.whl || exit 1
+  export TORCHINDUCTOR_CACHE_DIR=$PWD/.cache/inductor
+  timeout 540 python3 -m bench.bench_cli $M $D/eval2000.csv "$OUT/cli.json" --steps 20 \
+    --override eval.generate=false --unsloth-site /tmp/usite > "$OUT/cli.log" 2>&1
+  for r in cold warm; do cp .cache/bench-cli/$r/metrics.jsonl "$OUT/cli_${r}_metrics.jsonl" 2>/dev/null; done
+elif [ "$stage" = profile-cli ]; then
+  # the default plan's packed step, profiled through the loop's own setup / train_step (bench/profile_cli.py)
+  export TORCHINDUCTOR_CACHE_DIR=$PWD/.cache/inductor
+  timeout 400 python3 -m bench.profile_cli $M $D/eval2000.csv "$OUT" > "$OUT/profile_cli.log" 2>&1
+elif [ "$stage" = diagnose ]; then
+  # the profile, then the commit that measured 0.27 s a step (.carry/old6b: git archive 6b59b1e), then Unsloth
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/usite \
+    .unsloth/whl/*.whl || exit 1
+  export TORCHINDUCTOR_CACHE_DIR=$PWD/.cache/inductor
+  timeout 190 python3 -m bench.profile_cli $M $D/eval2000.csv "$OUT" > "$OUT/profile_cli.log" 2>&1
+  (cd .carry/old6b && PYTHONPATH=/tmp/site:$PWD timeout 180 python3 -m bench.bench_cli ../../$M ../../$D/eval2000.csv \
+    "$OUT/old6b.json" --steps 16 --ours-only --key old6b --override eval.generate=false > "$OUT/old6b.log" 2>&1)
+  cp .carry/old6b/.cache/bench-cli/cold/metrics.jsonl "$OUT/old6b_metrics.jsonl"
+  PYTHONPATH=/tmp/usite:$PWD timeout 170 python3 -m bench.unsloth_cli recipes/baseline.yaml $M $D/eval2000.csv 16 \
+    "$OUT/cli_unsloth.json" > "$OUT/cli_unsloth.log" 2>&1
+elif [ "$stage" = cli ]; then
   export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache
   timeout 430 python3 -m bench.bench_cli $M $D/eval2000.csv "$OUT/cli.json" --steps 24 \
     --override eval.generate=false > "$OUT/cli.log" 2>&1

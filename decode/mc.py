@@ -28,8 +28,7 @@ def choice(digit_scores: torch.Tensor, n_options: int) -> str:
 
 @torch.no_grad()
 def answer_mc(model, tokenizer, examples: Sequence[Example], encode: Callable[[Example], list[int]],
-              digit_ids: Sequence[int], batch_size: int, permutations: int = 1,
-              on_batch: Callable[[int], None] | None = None) -> list[MCAnswer]:
+              digit_ids: Sequence[int], batch_size: int, permutations: int = 1) -> list[MCAnswer]:
     """Answer every MC example. With `permutations` > 1 the options are shown in that many cyclic
     orders and each original option's log-probability is averaged over them (less position bias)."""
     device = next(model.parameters()).device
@@ -54,6 +53,4 @@ def answer_mc(model, tokenizer, examples: Sequence[Example], encode: Callable[[E
             totals[i] += logp.roll(shift)
             if shift == 0:
                 raw[i] = tokenizer.decode([top[row]], skip_special_tokens=False)
-        if on_batch:
-            on_batch(len(batch))
     return [MCAnswer(choice(t, len(t)), raw[i]) for i, t in enumerate(totals)]

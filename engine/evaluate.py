@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from decode.digits import digit_token_ids
 from decode.forward import decoder_and_head
-from decode.mc import MCAnswer, answer_mc, choice
-from decode.subjective import answer_subjective
+from decode.answer import answer_batches
+from decode.mc import MCAnswer, choice
 from engine.config import Recipe
 from engine.errors import UserError
 from engine.files import atomic_write_text
@@ -123,27 +123,23 @@ class Evaluator:
         return out
 
     def decode(self, model, known_mc: Optional[dict[int, MCAnswer]] = None) -> Decoded:
-        """Every row's answer; MC rows in `known_mc` (from the teacher-forced pass) are not scored again."""
-        d = self.recipe.decode
+        """Every row's answer, through infer.py's decode path; MC rows in `known_mc` (from the teacher-forced
+        pass) are not scored again."""
         known_mc = known_mc or {}
-        mc_idx = [i for i, e in enumerate(self.examples) if e.kind == "mc" and i not in known_mc]
-        subj_idx = [i for i, e in enumerate(self.examples) if e.kind == "subj"]
-        device = next(model.parameters()).device
         preds: list[Optional[Prediction]] = [None] * len(self.examples)
-        t0 = time.perf_counter()
-        with autocast(device):
-            mc = answer_mc(model, self.tokenizer, [self.examples[i] for i in mc_idx], self.encode_prompt,
-                           self.digit_ids, d.batch_size, d.mc_permutations)
-        t1 = time.perf_counter()
-        with autocast(device):
-            subj = answer_subjective(model, self.tokenizer, [self.prompts[i] for i in subj_idx],
-                                     batch_size=d.subj_batch_size, **d.generation_kwargs())
-        t2 = time.perf_counter()
-        for i, a in [*zip(mc_idx, mc), *known_mc.items()]:
+        for i, a in known_mc.items():
             preds[i] = Prediction(self.examples[i].id, a.choice, raw=a.raw)
-        for i, a in zip(subj_idx, subj):
-            preds[i] = Prediction(self.examples[i].id, a.text, n_tokens=a.n_tokens)
-        return Decoded(preds, t1 - t0, t2 - t1)
+        seconds = {"mc": 0.0, "subj": 0.0}
+        device = next(model.parameters()).device
+        with autocast(device):
+            for got in answer_batches(model, self.tokenizer, self.examples, self.prompts, self.encode_prompt,
+                                      self.digit_ids, self.recipe.decode,
+                                      rows=[i for i in range(len(self.examples)) if i not in known_mc]):
+                seconds[got.kind] += got.seconds
+                for i, answer, raw, n in zip(got.rows, got.answers, got.raw, got.n_tokens):
+                    preds[i] = (Prediction(self.examples[i].id, answer, raw=raw) if got.kind == "mc" else
+                                Prediction(self.examples[i].id, answer, n_tokens=n))
+        return Decoded(preds, seconds["mc"], seconds["subj"])
 
     def encode_prompt(self, ex: Example) -> list[int]:
         return prompt_ids(self.tokenizer, ex, self.recipe.data.system_prompt, self.recipe.data.max_len)

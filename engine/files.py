@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -27,6 +28,43 @@ def atomic_write_bytes(path: str | Path, data: bytes, before_replace: Callable[[
 def atomic_write_text(path: str | Path, text: str, before_replace: Callable[[], object] = lambda: None) -> None:
     """`atomic_write_bytes` of `text` in UTF-8, newlines as given."""
     atomic_write_bytes(path, text.encode("utf-8"), before_replace)
+
+
+def fsync_tree(path: Path) -> None:
+    for f in path.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def atomic_write_dir(final: str | Path, fill: Callable[[Path], object], replace: bool = True) -> None:
+    """Call `fill(tmp_dir)` on a fresh directory beside `final`, fsync its files, then put it at `final` with
+    renames only. An existing `final` is replaced, or with `replace` false kept (another process built it
+    first) and the new one dropped. A failure leaves `final` as it was."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        fill(tmp)
+        fsync_tree(tmp)
+        if final.exists() and not replace:
+            shutil.rmtree(tmp)
+            return
+        if final.exists():
+            os.replace(final, old)
+        try:
+            os.replace(tmp, final)
+        except OSError:  # without `replace`, another process may have put its own there after the check
+            if replace or not final.exists():
+                raise
+            shutil.rmtree(tmp)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def figure_png(fig, dpi: int) -> bytes:

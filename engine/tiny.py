@@ -4,11 +4,10 @@ trained on the project's own sample data, with A.X 4.0 Light's special tokens at
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterable, Optional
+
+from engine.files import atomic_write_dir
 
 SPECIAL_TOKENS = (
     ["<|endoftext|>", "<|pad|>", "<|unk|>", "<|sep|>", "<|mask|>", "<|cls|>", "<|image|>", "<|audio|>",
@@ -76,18 +75,11 @@ def build_tiny_model(out_dir: str | Path, texts: list[str], seed: int = 0, extra
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
     pretrain(model, tokenizer, texts)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    def fill(d: Path) -> None:
+        model.save_pretrained(d)
+        tokenizer.save_pretrained(d)
         for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text, encoding="utf-8")
-        if out_dir.exists():  # another process built it meanwhile: keep theirs
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            (d / name).write_text(text, encoding="utf-8")
+
+    atomic_write_dir(out_dir, fill, replace=False)  # another process built it meanwhile: keep theirs
     return out_dir

@@ -113,35 +113,46 @@ class HashedDropout(torch.nn.Module):
         return dropped(flat, keep_mask(new_seed(x.device), *flat.shape, self.p), self.p).view(x.shape)
 
 
+LEVER_KEYS = {"gradient_checkpointing": {"gradient_checkpointing": True},
+              "keep_activations": {"gradient_checkpointing": True, "keep_activations": 1},
+              "compile": {"compile": True}, "save_matmuls": {"compile": True, "save_matmuls": 1},
+              "fused_lora": {"fused_lora": True}, "dropout_kernel": {"dropout_kernel": True}}
+
+
 @pytest.mark.parametrize("lever", ["gradient_checkpointing", "compile", "fused_lora", "fused_lora+dropout",
                                    "keep_activations+dropout", "compile+gradient_checkpointing+dropout",
                                    "compile+keep_activations+dropout", "dropout_kernel+dropout",
                                    "fused_lora+dropout_kernel+dropout",
+                                   "compile+gradient_checkpointing+save_matmuls+dropout",
                                    "compile+gradient_checkpointing+dropout_kernel+dropout"])
 def test_speed_levers_keep_the_same_loss(setup, tiny_model, lever):
-    """Each switch of train.* that buys speed computes the same loss and gradient (fp32, 1e-4); with
-    train.dropout_kernel, against PyTorch ops dropping what its hash drops."""
+    """Each combination of the train.* levers, applied through the perf entry the loop calls
+    (engine.perf.speed.speed_up, train.speed off so exactly these keys), computes the plain path's loss and
+    gradients (fp32, 1e-4); with train.dropout_kernel, against PyTorch ops dropping what its hash drops.
+    Written against PyTorch 2.13 (inductor's fallback_random config, private)."""
     import torch._inductor.config
+    from engine.config import Recipe, TrainConfig
     from engine.lora import lora_linears
-    from engine.perf.lora_forward import set_lora_forward, training_forward
-    from engine.perf.levers import compile_layers, keep_activations
+    from engine.perf.lora_forward import training_forward
+    from engine.perf.speed import speed_up
     _, enc, pad = setup
     batch = collate(enc, pad)
     dropout = 0.1 if "dropout" in lever else 0.0
-    levers = lever.split("+")
+    levers = set(lever.split("+")) - {"dropout"}
+    keys = {"speed": "off", "gradient_checkpointing": False}
+    for name in levers:
+        keys.update(LEVER_KEYS[name])
+    train = TrainConfig(**keys)
     plain_model = fresh_model(tiny_model, False, dropout)
-    if "dropout_kernel" in levers:
+    if train.dropout_kernel:
         for m in lora_linears(plain_model):
             m.lora_dropout["default"] = HashedDropout(dropout)
     torch.manual_seed(5)
     plain = loss_and_grads(plain_model, batch)
-    model = fresh_model(tiny_model, bool({"gradient_checkpointing", "keep_activations"} & set(levers)), dropout)
-    if "keep_activations" in levers:
-        keep_activations(model, 1)  # layer 0 recomputed (dropout redrawn as it was), layer 1 kept
-    if "compile" in levers:
-        compile_layers(model)  # checkpointed layers recompute inside their compiled graph
-    if {"fused_lora", "dropout_kernel"} & set(levers):
-        set_lora_forward(model, fused_update="fused_lora" in levers, dropout_kernel="dropout_kernel" in levers)
+    model, plan = speed_up(fresh_model(tiny_model, train.gradient_checkpointing, dropout), Recipe(train=train),
+                           torch.device("cpu"))
+    assert plan.train == train
+    if train.fused_lora or train.dropout_kernel:
         assert sum(m.forward.__func__ is training_forward for m in lora_linears(model)) == 2 * 7  # 2 layers x 7
     torch.manual_seed(5)  # the same dropout draws (compiled: through PyTorch's own random kernels)
     with torch._inductor.config.patch(fallback_random=True):

@@ -6,7 +6,7 @@ in its commit. A run killed after step 7 and resumed from its step-5 checkpoint 
 Written against PyTorch 2.13 (CPU) and transformers 5.24; the same on 1 and 2 threads."""
 import os
 
-from conftest import events, run_cli, tiny_overrides
+from conftest import ROOT, events, run_cli, tiny_overrides
 
 PINNED = [3.9096096, 4.6064844, 3.6028984, 3.0320585, 3.2968531, 3.1123748, 3.007153, 3.2161505, 2.9243581, 3.1987069]
 SHORT = ("train.max_steps=10", "eval.every_steps=0", "checkpoint.at_steps=[5]")
@@ -40,3 +40,24 @@ def test_a_killed_and_resumed_run_logs_the_pinned_losses(tiny_model, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stderr + resumed.stdout
     assert_pinned(losses(out))
+
+
+def test_the_lifecycle_parts_run_one_at_a_time_in_process(tiny_model, tmp_path):
+    """engine.loop's parts, called as a test or a notebook would: setup alone, then steps that log the pinned
+    losses, a checkpoint, an eval and the cleanup, each leaving what its contract says."""
+    from engine.checkpoint import verify
+    from engine.config import load_recipe
+    from engine.loop import cleanup, evaluate, save_checkpoint, setup, train_step
+    overrides = tiny_overrides(tiny_model, tmp_path / "run", *SHORT)
+    s = setup(load_recipe(ROOT / "recipes" / "tiny.yaml", overrides), overrides)
+    assert (s.step, s.total_steps) == (0, 10) and s.plan.line().startswith("speed plan (auto): plain path")
+    assert (s.run_dir / "recipe.yaml").is_file() and not (s.run_dir / "metrics.jsonl").exists()
+    got = [train_step(s)["loss"] for _ in range(3)]
+    assert s.step == 3 and max(abs(a - b) for a, b in zip(got, PINNED)) < 1e-5, got
+    save_checkpoint(s, s.step)
+    assert verify(s.ckpt_root / "step-3") is None
+    assert evaluate(s, s.step) is False and s.state.last_eval_step == 3 and s.state.best_step == 3
+    assert [e["step"] for e in events(s.run_dir, "eval")] == [3]
+    summary = cleanup(s)
+    assert summary["steps"] == 3 and summary["stop_reason"] == "epochs"
+    assert (s.run_dir / "summary.json").is_file() and verify(s.ckpt_root / "best") is None

@@ -36,7 +36,7 @@ def test_a_small_budget_keeps_no_matmuls_and_lora_without_dropout_needs_no_dropo
 
 
 def test_keys_the_recipe_sets_are_kept():
-    plan = plan_speed(TrainConfig(memory_gib=40, save_matmuls=3, keep_activations=2), 0.05, True, 28, 8192, CUDA)
+    plan = plan_speed(TrainConfig(memory_gib=40, compile=True, save_matmuls=3, keep_activations=2), 0.05, True, 28, 8192, CUDA)
     assert plan.train.save_matmuls == 3 and plan.train.keep_activations == 2 and plan.train.compile
 
 

@@ -175,13 +175,6 @@ def test_label_checks_catch_digit_mismatch_and_masked_labels():
     assert label_problems([masked], [57, 58], 27) == ["row 4 (ID M1): every label is masked (nothing to learn)"]
 
 
-def test_label_smoothing_is_refused(tiny_model, tmp_path):
-    res = mini(tiny_model, tmp_path / "r", "train.label_smoothing=0.1")
-    assert res.returncode == 2 and "train.label_smoothing must be 0" in res.stderr
-
-
-# --- curriculum -------------------------------------------------------------------------------------------
-
 def curriculum_args(tiny_model, out):
     return ["train.py", "recipes/curriculum.yaml", *tiny_overrides(tiny_model, out, "train.micro_batch=4",
             "train.grad_accum=2", "train.gradient_checkpointing=false", "eval.every_steps=0",

@@ -10,7 +10,6 @@ import torch.utils.checkpoint
 from decode.forward import causal_lm
 from engine.config import TrainConfig
 from engine.errors import UserError
-from engine.lora import is_4bit
 from engine.perf.lora_forward import set_lora_forward
 
 
