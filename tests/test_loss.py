@@ -121,9 +121,8 @@ LEVER_KEYS = {"gradient_checkpointing": {"gradient_checkpointing": True},
 
 @pytest.mark.parametrize("lever", ["gradient_checkpointing", "compile", "fused_lora", "fused_lora+dropout",
                                    "keep_activations+dropout", "compile+gradient_checkpointing+dropout",
-                                   "compile+keep_activations+dropout", "dropout_kernel+dropout",
+                                   "compile+keep_activations+save_matmuls+dropout", "dropout_kernel+dropout",
                                    "fused_lora+dropout_kernel+dropout",
-                                   "compile+gradient_checkpointing+save_matmuls+dropout",
                                    "compile+gradient_checkpointing+dropout_kernel+dropout"])
 def test_speed_levers_keep_the_same_loss(setup, tiny_model, lever):
     """Each combination of the train.* levers, applied through the perf entry the loop calls

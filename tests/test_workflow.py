@@ -24,7 +24,7 @@ def tiny_set(tiny_model) -> list[str]:
 @pytest.fixture(scope="module")
 def sweep(tiny_model, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sweep")
-    res = run_cli("-m", "engine.sensitivity", *SETS, "--epochs", "1.5", "--out", str(out),
+    res = run_cli("-m", "engine.sensitivity", *SETS, "--epochs", "0.6", "--out", str(out),
                   "--set", *tiny_set(tiny_model))
     assert res.returncode == 0, res.stderr[-3000:]
     return out
