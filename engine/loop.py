@@ -109,6 +109,8 @@ class Session:
     run_dir: Path
     model: Any
     plan: Plan
+    params: list[torch.nn.Parameter]
+    """The trainable parameters (the adapters), gathered once: the step sums, clips and updates them."""
     optimizer: Any
     evaluator: Optional[Evaluator]
     metrics: MetricsLog
@@ -130,9 +132,6 @@ class Session:
     def sampler(self) -> Sampler:
         return self.data.sampler
 
-    def trainable(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
-
 
 # --- setup ---------------------------------------------------------------------------------------------
 
@@ -149,13 +148,14 @@ def setup(recipe: Recipe, overrides: list[str] = ()) -> Session:
     np.random.seed(recipe.seed)
     torch.manual_seed(recipe.seed)
     model, plan = build_model(recipe, device)
-    optimizer = make_optimizer(model, recipe)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, recipe)
     torch.manual_seed(recipe.seed + dist.rank())  # the same adapters on every rank, their own dropout masks
     main = dist.is_main()
     evaluator = Evaluator(data.tokenizer, data.eval, recipe, run_dir) if main else None
     notes = data_notes(data.all_train + (data.eval_pool or []), data.encoded, evaluator.encoded if main else [],
                        recipe.data.max_len)
-    s = Session(recipe, device, main, data, run_dir, model, plan, optimizer, evaluator,
+    s = Session(recipe, device, main, data, run_dir, model, plan, params, optimizer, evaluator,
                 MetricsLog(run_dir / "metrics.jsonl", enabled=main), notes, started)
     resume(s, saved)
     return s
@@ -240,8 +240,7 @@ def build_model(recipe: Recipe, device: torch.device):
     return model, plan
 
 
-def make_optimizer(model, recipe: Recipe):
-    params = [p for p in model.parameters() if p.requires_grad]
+def make_optimizer(params: list[torch.nn.Parameter], recipe: Recipe):
     t = recipe.train
     if t.optimizer == "paged_adamw_8bit":
         if not torch.cuda.is_available():
@@ -301,7 +300,7 @@ def backward(s: Session, batches: list, denom: float) -> float:
         fault("oom", at)
         loss = dist.sum_scalar(forward_backward(s.model, batches, s.recipe.train.loss_weighting,
                                                 s.recipe.train.ce_chunk, denom))
-        dist.sum_grads(s.trainable())
+        dist.sum_grads(s.params)
         fault("kill-step", at)
         return float(loss) * (float("nan") if fault("nan", at) else 1.0)
     except torch.cuda.OutOfMemoryError:
@@ -312,7 +311,7 @@ def backward(s: Session, batches: list, denom: float) -> float:
 
 def update(s: Session, lr: float) -> None:
     if s.recipe.train.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(s.trainable(), s.recipe.train.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(s.params, s.recipe.train.max_grad_norm)
     for group in s.optimizer.param_groups:
         group["lr"] = lr
     s.optimizer.step()
