@@ -64,6 +64,8 @@ def atomic_write_dir(final: str | Path, fill: Callable[[Path], object], replace:
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not final.exists():  # moved aside, then the rename failed: put it back
+            os.replace(old, final)
         raise
 
 

@@ -177,3 +177,27 @@ def test_infer_names_its_adapter_first_and_takes_the_base_model_only_when_asked(
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stderr.splitlines()[0] == f"adapter: none, the base model {tiny_model} alone"
     assert (tmp_path / "b.csv").read_text() != (tmp_path / "a.csv").read_text()
+
+
+def test_atomic_write_dir_keeps_the_old_directory_when_the_last_rename_fails(tmp_path, monkeypatch):
+    """The old directory is moved aside before the new one takes its name; if that rename fails, the old
+    one is put back and the error raised."""
+    import os
+
+    from engine.files import atomic_write_dir
+    final = tmp_path / "ckpt"
+    atomic_write_dir(final, lambda d: (d / "a.txt").write_text("old"))
+    real_replace, calls = os.replace, []
+
+    def failing_second(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:  # old -> aside worked; new -> final fails
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_second)
+    with pytest.raises(OSError):
+        atomic_write_dir(final, lambda d: (d / "a.txt").write_text("new"))
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert (final / "a.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
