@@ -147,21 +147,22 @@ TINY_SOURCE = "tiny_source.json"
 """Beside a tiny model: the data file it was built from and that file's sha256."""
 
 
-def ensure_tiny_model(cfg: ModelConfig, texts_source: str) -> None:
-    """Build the offline tiny model at `model.path` on first use when the recipe asks for it. Its
-    tokenizer is trained on the data, so a tiny model built from other data is refused, never reused."""
+def ensure_tiny_model(cfg: ModelConfig, texts_source: str, size: str = "demo") -> None:
+    """Build the offline tiny model (engine.tiny's `size`) at `model.path` on first use when the recipe asks
+    for it. Its tokenizer is trained on the data, so a tiny model built from other data, or of another size,
+    is refused, never reused."""
     if not cfg.build_tiny:
         return
     path = Path(cfg.path)
-    source = {"data": str(texts_source), "sha256": sha256_of(texts_source)}
+    source = {"data": str(texts_source), "sha256": sha256_of(texts_source), "size": size}
     if (path / "config.json").is_file():
         record = path / TINY_SOURCE
         built = json.loads(record.read_text(encoding="utf-8")) if record.is_file() else None
-        if built is None or built.get("sha256") != source["sha256"]:
-            what = (f"from {built['data']} (sha256 {built['sha256'][:12]})" if built else
-                    f"without a record of its data ({TINY_SOURCE})")
+        if built is None or (built.get("sha256"), built.get("size")) != (source["sha256"], size):
+            what = (f"from {built['data']} (sha256 {built['sha256'][:12]}, size {built.get('size', 'unrecorded')})"
+                    if built else f"without a record of its data ({TINY_SOURCE})")
             raise UserError(f"model.path: {path} is a tiny model built {what}, not from {texts_source} "
-                            f"(sha256 {source['sha256'][:12]}); give this data its own, "
+                            f"(sha256 {source['sha256'][:12]}, size {size}); give this data its own, "
                             f"model.path={path}-{Path(texts_source).stem}, or delete {path} to rebuild it")
         return
     from engine.data import read_examples
@@ -170,7 +171,7 @@ def ensure_tiny_model(cfg: ModelConfig, texts_source: str) -> None:
     examples = read_examples(texts_source, answer_text_mismatch="warn")
     log.info("building the tiny offline model at %s from %s", cfg.path, texts_source)
     texts = [e.question for e in examples] + [e.answer for e in examples if e.kind == "subj"]
-    build_tiny_model(cfg.path, texts, extra_files={TINY_SOURCE: json.dumps(source, ensure_ascii=False)})
+    build_tiny_model(cfg.path, texts, size, extra_files={TINY_SOURCE: json.dumps(source, ensure_ascii=False)})
 
 
 def merged_for_inference(model):

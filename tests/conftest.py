@@ -15,7 +15,10 @@ import pytest
 from engine.quiet import quiet_library_noise
 
 ROOT = Path(__file__).resolve().parent.parent
-SAMPLE = ROOT / "data" / "sample.csv"
+SAMPLE = ROOT / "tests" / "data" / "sample.csv"
+"""The test suite's own sample: the hand-written set the tests were built on (data/sample.csv is the demo's)."""
+TINY_RECIPE = "tests/data/tiny.yaml"
+"""The test suite's tiny recipe, relative to ROOT (recipes/tiny.yaml is the demo)."""
 SHARED = ROOT.parent / "shared"
 AX_TOKENIZER = SHARED / "models" / "ax4-light-tokenizer"
 FSKU_DEV = SHARED / "data" / "fsku" / "fsku_dev.csv"
@@ -31,7 +34,7 @@ def tiny_model(tmp_path_factory) -> Path:
     from engine.config import ModelConfig
     from engine.model import ensure_tiny_model
     path = tmp_path_factory.mktemp("tiny") / "model"
-    ensure_tiny_model(ModelConfig(path=str(path), quant="none", build_tiny=True), str(SAMPLE))
+    ensure_tiny_model(ModelConfig(path=str(path), quant="none", build_tiny=True), str(SAMPLE), size="test")
     return path
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SAMPLE, run_cli, tiny_overrides
+from conftest import ROOT, SAMPLE, TINY_RECIPE, run_cli, tiny_overrides
 
 MC5 = "다음 중 옳은 것은?\n1 가\n2 나\n3 다\n4 라\n5 마"
 MC4 = "다음 중 옳은 것은?\n1 가\n2 나\n3 다\n4 라"
@@ -130,7 +130,7 @@ def test_bad_training_or_eval_csv(key, case, tiny_model, tmp_path, capsys, no_mo
     bad = tmp_path / "bad.csv"
     bad.write_bytes(content)
     out = tmp_path / "run"
-    train_fails(["recipes/tiny.yaml", *tiny_overrides(tiny_model, out), f"{key}={bad}"], capsys, str(bad), message)
+    train_fails([TINY_RECIPE, *tiny_overrides(tiny_model, out), f"{key}={bad}"], capsys, str(bad), message)
     assert not out.exists()
 
 
@@ -139,7 +139,7 @@ def write(tmp_path: Path, name: str, text: str) -> Path:
     return tmp_path / name
 
 
-TINY = "extends: {root}/recipes/tiny.yaml\n"
+TINY = "extends: {root}/tests/data/tiny.yaml\n"
 BAD_RECIPES = {
     "unknown key": (TINY + "train:\n  warmup: 0.1\n", [], "unknown key train.warmup (did you mean train.warmup_ratio?)"),
     "typo in override": (TINY, ["train.lrr=1"], "unknown key train.lrr (did you mean train.lr?)"),
@@ -178,7 +178,7 @@ def test_bad_recipe(case, tiny_model, tmp_path, capsys, no_model_load):
 
 @pytest.mark.parametrize("argv, message", [
     ([], "the following arguments are required: recipe"),
-    (["recipes/tiny.yaml", "--resume"], "unrecognized arguments: --resume"),
+    ([TINY_RECIPE, "--resume"], "unrecognized arguments: --resume"),
     (["nope.yaml"], "recipe: file not found: "),
 ], ids=["no recipe", "unknown flag", "missing recipe file"])
 def test_bad_train_command_lines(argv, message, capsys, no_model_load):
@@ -186,7 +186,7 @@ def test_bad_train_command_lines(argv, message, capsys, no_model_load):
 
 
 def test_missing_eval_file(tiny_model, tmp_path, capsys, no_model_load):
-    train_fails(["recipes/tiny.yaml", *tiny_overrides(tiny_model, tmp_path / "run"), f"data.eval={tmp_path / 'e.csv'}"],
+    train_fails([TINY_RECIPE, *tiny_overrides(tiny_model, tmp_path / "run"), f"data.eval={tmp_path / 'e.csv'}"],
                 capsys, "data.eval", "e.csv: file not found")
     assert not (tmp_path / "run").exists()
 
@@ -196,7 +196,7 @@ def test_missing_eval_file(tiny_model, tmp_path, capsys, no_model_load):
 @pytest.fixture(scope="module")
 def finished_run(tiny_model, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("finished") / "run"
-    res = run_cli("train.py", "recipes/tiny.yaml", *tiny_overrides(tiny_model, out, "train.max_steps=12",
+    res = run_cli("train.py", TINY_RECIPE, *tiny_overrides(tiny_model, out, "train.max_steps=12",
                                                                    "eval.every_steps=6", "checkpoint.at_steps=[6]"))
     assert res.returncode == 0, res.stderr[-2000:]
     return out
@@ -218,7 +218,7 @@ def test_bad_run_directory(case, finished_run, tiny_model, tmp_path, capsys, no_
     shutil.copytree(finished_run, out)
     data = tmp_path / "train.csv"
     shutil.copy(SAMPLE, data)
-    args = ["recipes/tiny.yaml", f"model.path={tiny_model}", f"data.train={SAMPLE}", f"output_dir={out}",
+    args = [TINY_RECIPE, f"model.path={tiny_model}", f"data.train={SAMPLE}", f"output_dir={out}",
             "model.build_tiny=false",
             "train.max_steps=12", "eval.every_steps=6", "checkpoint.at_steps=[6]"]
     ckpts = out / "checkpoints"
@@ -265,12 +265,12 @@ def test_bad_infer_command_lines(case, tiny_model, finished_run, tmp_path, capsy
     import infer
     out = tmp_path / "sub.csv"
     out.write_text("ID,Answer\nkeep,1\n", encoding="utf-8")
-    test = str(ROOT / "data" / "sample_test.csv")
+    test = str(SAMPLE.with_name("sample_test.csv"))
     no_id = tmp_path / "noid.csv"
     no_id.write_bytes(csv_bytes([[MC5]], ("Question",)))
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
-    recipe = write(tmp_path, "r.yaml", f"extends: {ROOT}/recipes/tiny.yaml\nmodel:\n  path: {tiny_model}\n"
+    recipe = write(tmp_path, "r.yaml", f"extends: {ROOT / TINY_RECIPE}\nmodel:\n  path: {tiny_model}\n"
                                        f"output_dir: {run}\n")
     model = ["--model", str(tiny_model)]
     needles = []

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import events, run_cli, tiny_overrides
+from conftest import TINY_RECIPE, events, run_cli, tiny_overrides
 
 TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 SHORT = ("train.max_steps=30", "eval.every_steps=15")  # past the recipe's checkpoint at step 15
@@ -15,7 +15,7 @@ def torchrun(tiny_model, out: Path, *extra: str, fault: str = ""):
     if fault:
         os.environ["FSKU_FAULT"] = fault
     try:
-        return run_cli(*TORCHRUN, "train.py", "recipes/tiny.yaml", *tiny_overrides(tiny_model, out, *SHORT, *extra))
+        return run_cli(*TORCHRUN, "train.py", TINY_RECIPE, *tiny_overrides(tiny_model, out, *SHORT, *extra))
     finally:
         os.environ.pop("FSKU_FAULT", None)
         if env_before is not None:
@@ -33,7 +33,7 @@ def two_ranks(tiny_model, tmp_path_factory) -> Path:
 def test_two_ranks_match_one_process_with_the_same_effective_batch(tiny_model, tmp_path):
     # dropout off: with it, each rank draws its own masks and the runs differ by design
     one, two = tmp_path / "one", tmp_path / "two"
-    res = run_cli("train.py", "recipes/tiny.yaml", *tiny_overrides(tiny_model, one, *SHORT, "lora.dropout=0"))
+    res = run_cli("train.py", TINY_RECIPE, *tiny_overrides(tiny_model, one, *SHORT, "lora.dropout=0"))
     assert res.returncode == 0, res.stderr[-2000:]
     res = torchrun(tiny_model, two, "lora.dropout=0")
     assert res.returncode == 0, res.stderr[-3000:]

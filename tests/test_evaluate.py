@@ -23,7 +23,16 @@ def setup(tiny_model, tiny_tokenizer):
     recipe = Recipe()
     recipe.decode.batch_size = 7  # several batches, uneven last one
     examples = read_examples(SAMPLE)
-    return model, Evaluator(tiny_tokenizer, examples, recipe, None)
+    ev = Evaluator(tiny_tokenizer, examples, recipe, None)
+    with torch.no_grad():  # digit rows that read what differs between the questions: answers that differ
+        mc = [p for p, e in zip(ev.prompts, examples) if e.kind == "mc"]
+        ids, mask = left_pad(mc, tiny_tokenizer.pad_token_id, "cpu")
+        h = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1][:, -1]
+        mean = torch.nn.functional.normalize(h.mean(0), dim=0)
+        rows = torch.linalg.svd(h - h.mean(0), full_matrices=False)[2][: len(ev.digit_ids)]
+        rows -= (rows @ mean)[:, None] * mean  # the hidden state all questions share adds nothing
+        model.get_output_embeddings().weight[ev.digit_ids] = 100 * rows
+    return model, ev
 
 
 def test_teacher_forced_loss_is_the_mean_answer_token_loss(setup, tiny_tokenizer):

@@ -143,7 +143,7 @@ def save_fresh_adapter(base_dir: Path, out: Path, b_std: float = 0.0) -> Path:
 def test_merged_adapter_gives_the_same_answers_as_the_lora_branches(tiny_model, tmp_path):
     """The default merges the adapter into the (dequantized) base for speed; --no-merge runs it as trained."""
     adapter = save_fresh_adapter(tiny_model, tmp_path / "adapter", b_std=0.05)
-    test = ROOT / "data" / "sample_test.csv"
+    test = SAMPLE.with_name("sample_test.csv")
     outs = {}
     for flag in ("", "--no-merge"):
         out = tmp_path / f"s{flag}.csv"

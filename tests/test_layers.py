@@ -11,7 +11,7 @@ LAYERS = [  # bottom first
     ("base", ["engine", "engine.errors", "engine.files", "engine.paths", "engine.options", "engine.faults",
               "engine.quiet", "engine.schedule", "engine.distributed"]),
     ("recipe and data", ["engine.config", "engine.data", "engine.batch", "engine.labels", "engine.split",
-                         "engine.tiny"]),
+                         "engine.tiny", "engine.sample_data"]),
     ("model", ["decode.forward", "engine.lora", "engine.model"]),
     ("metrics", ["metrics", "metrics.*"]),
     ("decode", ["decode", "decode.*"]),

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FSKU_DEV, events, run_cli, tiny_overrides, write_csv
+from conftest import FSKU_DEV, TINY_RECIPE, events, run_cli, tiny_overrides, write_csv
 from engine.data import prompt_text, read_examples
 from engine.errors import UserError
 from engine.options import normalized, option_lines, parse_quoted_answer
@@ -89,7 +89,7 @@ def test_every_style_trains_and_infers_with_its_option_count(tiny_model, tmp_pat
     train = write_csv(tmp_path / "train.csv", rows, ("ID", "Question", "Answer", "Domain"))
     test = write_csv(tmp_path / "test.csv", test_rows, ("ID", "Question"))
     out = tmp_path / "run"
-    res = run_cli("train.py", "recipes/tiny.yaml", *tiny_overrides(tiny_model, out), f"data.train={train}",
+    res = run_cli("train.py", TINY_RECIPE, *tiny_overrides(tiny_model, out), f"data.train={train}",
                   "train.max_steps=3", "data.eval_size=12", "eval.every_steps=2")
     assert res.returncode == 0, res.stderr[-2000:]
     evals = events(out, "eval")
@@ -118,7 +118,7 @@ def fsku_answer_text() -> Path:
 
 
 def test_fsku_answers_with_option_text_stop_at_the_row_whose_text_disagrees(fsku_answer_text, tiny_model, tmp_path):
-    res = run_cli("train.py", "recipes/tiny.yaml", *tiny_overrides(tiny_model, tmp_path / "run"),
+    res = run_cli("train.py", TINY_RECIPE, *tiny_overrides(tiny_model, tmp_path / "run"),
                   f"data.train={fsku_answer_text}")
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [res.stderr.strip()]  # one line
@@ -128,7 +128,7 @@ def test_fsku_answers_with_option_text_stop_at_the_row_whose_text_disagrees(fsku
 
 def test_fsku_answers_with_option_text_train_under_warn(fsku_answer_text, tiny_model, tmp_path):
     out = tmp_path / "run"
-    res = run_cli("train.py", "recipes/tiny.yaml", *tiny_overrides(tiny_model, out), f"data.train={fsku_answer_text}",
+    res = run_cli("train.py", TINY_RECIPE, *tiny_overrides(tiny_model, out), f"data.train={fsku_answer_text}",
                   "data.answer_text_mismatch=warn", "train.max_steps=2",
                   "eval.generate=false")
     assert res.returncode == 0, res.stderr[-2000:]

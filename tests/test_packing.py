@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import SAMPLE, events, run_cli, tiny_overrides
+from conftest import SAMPLE, TINY_RECIPE, events, run_cli, tiny_overrides
 from decode.forward import hidden_states
 from engine.batch import collate
 from engine.config import LoraConfig, ModelConfig
@@ -121,7 +121,7 @@ def test_train_py_logs_the_same_losses_packed_and_padded(tiny_model, tmp_path):
     losses = {}
     for packing in ("false", "true"):
         out = tmp_path / packing
-        r = run_cli("train.py", "recipes/tiny.yaml", *tiny_overrides(
+        r = run_cli("train.py", TINY_RECIPE, *tiny_overrides(
             tiny_model, out, f"train.packing={packing}", "lora.dropout=0", "train.max_steps=6", "eval.every_steps=0",
             "checkpoint.at_steps=[]"))
         assert r.returncode == 0, r.stderr[-2000:]

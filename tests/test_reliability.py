@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SAMPLE, events, run_cli, tiny_overrides
+from conftest import ROOT, SAMPLE, TINY_RECIPE, events, run_cli, tiny_overrides
 
 CKPT_EVERY = "checkpoint.every_steps=10"
 
@@ -16,7 +16,7 @@ CKPT_EVERY = "checkpoint.every_steps=10"
 @pytest.fixture(scope="module")
 def reference(tiny_model, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ref") / "run"
-    res = run_cli("train.py", "recipes/tiny.yaml", *tiny_overrides(tiny_model, out, CKPT_EVERY))
+    res = run_cli("train.py", TINY_RECIPE, *tiny_overrides(tiny_model, out, CKPT_EVERY))
     assert res.returncode == 0, res.stderr[-2000:]
     return out
 
@@ -25,7 +25,7 @@ def run_with_fault(tiny_model, out: Path, spec: str, *extra: str):
     env_before = os.environ.get("FSKU_FAULT")
     os.environ["FSKU_FAULT"] = spec
     try:
-        return run_cli("train.py", "recipes/tiny.yaml", *tiny_overrides(tiny_model, out, CKPT_EVERY, *extra))
+        return run_cli("train.py", TINY_RECIPE, *tiny_overrides(tiny_model, out, CKPT_EVERY, *extra))
     finally:
         if env_before is None:
             del os.environ["FSKU_FAULT"]
@@ -55,7 +55,7 @@ def test_kill_9_then_rerun_continues_as_if_nothing_happened(reference, tiny_mode
     assert res.returncode == -9, res.stderr[-2000:]
     done = sorted(int(p.name[5:]) for p in (out / "checkpoints").glob("step-*"))
     assert done[-1] == resumes_from  # a half-written checkpoint never looks complete
-    res = run_cli("train.py", "recipes/tiny.yaml", *tiny_overrides(tiny_model, out, CKPT_EVERY))
+    res = run_cli("train.py", TINY_RECIPE, *tiny_overrides(tiny_model, out, CKPT_EVERY))
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"step-{resumes_from} (step {resumes_from} of" in res.stderr
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
@@ -139,7 +139,7 @@ def test_damaged_newest_checkpoint_is_skipped_and_the_older_one_resumed(referenc
     with open(state, "r+b") as f:  # what a full disk or a half-finished copy leaves
         f.truncate(state.stat().st_size // 3)
     damaged_size = state.stat().st_size
-    res = run_cli("train.py", "recipes/tiny.yaml", *tiny_overrides(tiny_model, out, CKPT_EVERY))
+    res = run_cli("train.py", TINY_RECIPE, *tiny_overrides(tiny_model, out, CKPT_EVERY))
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"skipping checkpoint step-20: state.pt is {damaged_size} bytes, the manifest says" in res.stderr
     assert f"step-{steps[-2]} (step {steps[-2]} of" in res.stderr  # the newest one that verifies
@@ -152,11 +152,11 @@ def test_damaged_best_is_reported_and_infer_refuses_it(reference, tiny_model, tm
     shutil.copytree(reference, out)
     best = out / "checkpoints" / "best"
     (best / "adapter_model.safetensors").write_bytes(b"\0" * 10)
-    res = run_cli("train.py", "recipes/tiny.yaml", *tiny_overrides(tiny_model, out, CKPT_EVERY))
+    res = run_cli("train.py", TINY_RECIPE, *tiny_overrides(tiny_model, out, CKPT_EVERY))
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"{best} is damaged (adapter_model.safetensors is 10 bytes" in res.stderr
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"extends: {Path.cwd() / 'recipes' / 'tiny.yaml'}\nmodel:\n  path: {tiny_model}\n"
+    recipe.write_text(f"extends: {ROOT / TINY_RECIPE}\nmodel:\n  path: {tiny_model}\n"
                       f"output_dir: {out}\n", encoding="utf-8")
     res = run_cli("infer.py", "--recipe", str(recipe), "--test", str(SAMPLE.with_name("sample_test.csv")),
                   "--out", str(tmp_path / "sub.csv"))
@@ -166,7 +166,7 @@ def test_damaged_best_is_reported_and_infer_refuses_it(reference, tiny_model, tm
 
 def test_infer_names_its_adapter_first_and_takes_the_base_model_only_when_asked(reference, tiny_model, tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"extends: {Path.cwd() / 'recipes' / 'tiny.yaml'}\nmodel:\n  path: {tiny_model}\n"
+    recipe.write_text(f"extends: {ROOT / TINY_RECIPE}\nmodel:\n  path: {tiny_model}\n"
                       f"output_dir: {reference}\n", encoding="utf-8")
     test = str(SAMPLE.with_name("sample_test.csv"))
     best_step = json.loads((reference / "checkpoints" / "best" / "best.json").read_text())["step"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, assert_no_library_warnings, events, run_cli, tiny_overrides
+from conftest import ROOT, SAMPLE, TINY_RECIPE, assert_no_library_warnings, events, run_cli, tiny_overrides
 
 EVAL_FIELDS = {"eval_loss", "mc_accuracy", "subj_cos", "subj_kw", "subj_score", "final_score",
                "mc_format_violation_rate", "subj_len_violation_rate", "subj_format_violation_rate",
@@ -19,7 +19,7 @@ EVAL_FIELDS = {"eval_loss", "mc_accuracy", "subj_cos", "subj_kw", "subj_score", 
 @pytest.fixture(scope="module")
 def full_run(tiny_model, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("full") / "run"
-    res = run_cli("train.py", "recipes/tiny.yaml", *tiny_overrides(tiny_model, out))
+    res = run_cli("train.py", TINY_RECIPE, *tiny_overrides(tiny_model, out))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "trainable parameters:" in res.stdout and "done:" in res.stdout
     assert "learned: mc_accuracy " in res.stdout and "(eval at step 20 -> the best, step " in res.stdout
@@ -72,7 +72,7 @@ def test_adapter_loads_with_peft(full_run, tiny_model):
 def test_kill_after_first_checkpoint_then_resume_gives_the_same_losses(full_run, tiny_model, tmp_path):
     out = tmp_path / "killed"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "train.py", "recipes/tiny.yaml", *tiny_overrides(tiny_model, out)],
+    proc = subprocess.Popen([sys.executable, "train.py", TINY_RECIPE, *tiny_overrides(tiny_model, out)],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = out / "checkpoints" / "step-15"
     deadline = time.time() + 300
@@ -84,7 +84,7 @@ def test_kill_after_first_checkpoint_then_resume_gives_the_same_losses(full_run,
     killed_at = len(events(out, "train"))
     assert 15 <= killed_at < len(events(full_run, "train"))
 
-    res = run_cli("train.py", "recipes/tiny.yaml", *tiny_overrides(tiny_model, out))
+    res = run_cli("train.py", TINY_RECIPE, *tiny_overrides(tiny_model, out))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming from" in res.stderr
     a, b = events(full_run, "train"), events(out, "train")
@@ -98,7 +98,7 @@ def test_kill_after_first_checkpoint_then_resume_gives_the_same_losses(full_run,
 
 def test_evaluation_does_not_disturb_training(full_run, tiny_model, tmp_path):
     out = tmp_path / "noeval"
-    res = run_cli("train.py", "recipes/tiny.yaml", *tiny_overrides(tiny_model, out, "eval.every_steps=0"))
+    res = run_cli("train.py", TINY_RECIPE, *tiny_overrides(tiny_model, out, "eval.every_steps=0"))
     assert res.returncode == 0, res.stderr[-2000:]
     assert [e["step"] for e in events(out, "eval")] == [events(out, "train")[-1]["step"]]
     assert len(events(out, "train")) == len(events(full_run, "train"))
@@ -109,7 +109,7 @@ def test_evaluation_does_not_disturb_training(full_run, tiny_model, tmp_path):
 def test_early_stopping(tiny_model, tmp_path):
     out = tmp_path / "early"
     # lr 0: the score never improves after the first eval, so patience 2 stops at the third
-    res = run_cli("train.py", "recipes/tiny.yaml", *tiny_overrides(
+    res = run_cli("train.py", TINY_RECIPE, *tiny_overrides(
         tiny_model, out, "train.lr=1e-12", "eval.every_steps=5", "eval.patience=2", "train.warmup_ratio=0"))
     assert res.returncode == 0, res.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -119,7 +119,7 @@ def test_early_stopping(tiny_model, tmp_path):
 
 
 def test_typo_in_override_exits_2_naming_the_key(tiny_model, tmp_path):
-    res = run_cli("train.py", "recipes/tiny.yaml", "train.lrr=1")
+    res = run_cli("train.py", TINY_RECIPE, "train.lrr=1")
     assert res.returncode == 2
     assert res.stderr.strip() == "error: command line: unknown key train.lrr (did you mean train.lr?)"
 
@@ -130,18 +130,18 @@ def test_typo_in_override_exits_2_naming_the_key(tiny_model, tmp_path):
 ])
 def test_bad_paths_exit_2_in_one_line(tiny_model, tmp_path, override, message):
     args = [a for a in tiny_overrides(tiny_model, tmp_path / "r") if not a.startswith(override.split("=")[0])]
-    res = run_cli("train.py", "recipes/tiny.yaml", *args, override)
+    res = run_cli("train.py", TINY_RECIPE, *args, override)
     assert res.returncode == 2 and message in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
 
 
 def test_resuming_with_another_recipe_is_refused(full_run, tiny_model):
-    res = run_cli("train.py", "recipes/tiny.yaml", *tiny_overrides(tiny_model, full_run, "train.lr=1e-3"))
+    res = run_cli("train.py", TINY_RECIPE, *tiny_overrides(tiny_model, full_run, "train.lr=1e-3"))
     assert res.returncode == 2 and "train.lr" in res.stderr
 
 
 def test_resume_false_starts_a_fresh_directory(full_run, tiny_model):
-    res = run_cli("train.py", "recipes/tiny.yaml", *tiny_overrides(tiny_model, full_run, "train.resume=false",
+    res = run_cli("train.py", TINY_RECIPE, *tiny_overrides(tiny_model, full_run, "train.resume=false",
                                                                    "train.max_steps=2", "eval.generate=false"))
     assert res.returncode == 0, res.stderr[-2000:]
     fresh = Path(f"{full_run}-1")
@@ -150,7 +150,7 @@ def test_resume_false_starts_a_fresh_directory(full_run, tiny_model):
 
 def test_rows_cut_to_max_len_are_counted_and_said(tiny_model, tmp_path):
     out = tmp_path / "run"
-    res = run_cli("train.py", "recipes/tiny.yaml", *tiny_overrides(tiny_model, out), "data.max_len=48",
+    res = run_cli("train.py", TINY_RECIPE, *tiny_overrides(tiny_model, out), "data.max_len=48",
                   "train.max_steps=2", "eval.generate=false")
     assert res.returncode == 0, res.stderr[-2000:]
     data = json.loads((out / "summary.json").read_text(encoding="utf-8"))["data"]
@@ -169,15 +169,15 @@ def test_nothing_cut_nothing_said(full_run):
 def test_the_tiny_model_is_never_reused_for_other_data(tiny_model, tmp_path):
     other = tmp_path / "other.csv"
     other.write_text("ID,Question,Answer\nA1,다른 데이터의 질문을 설명하시오.,다른 답입니다.\n" * 1, encoding="utf-8")
-    res = run_cli("train.py", "recipes/tiny.yaml", *tiny_overrides(tiny_model, tmp_path / "run"), f"data.train={other}",
+    res = run_cli("train.py", TINY_RECIPE, *tiny_overrides(tiny_model, tmp_path / "run"), f"data.train={other}",
                   "model.build_tiny=true")
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr[-2000:]
-    assert f"model.path: {tiny_model} is a tiny model built from {ROOT / 'data' / 'sample.csv'}" in res.stderr
+    assert f"model.path: {tiny_model} is a tiny model built from {SAMPLE}" in res.stderr
     assert f"not from {other}" in res.stderr and f"model.path={tiny_model}-other" in res.stderr
     legacy = tmp_path / "legacy"
     legacy.mkdir()
     (legacy / "config.json").write_text("{}", encoding="utf-8")
-    res = run_cli("train.py", "recipes/tiny.yaml", *tiny_overrides(legacy, tmp_path / "run2"), "model.build_tiny=true")
+    res = run_cli("train.py", TINY_RECIPE, *tiny_overrides(legacy, tmp_path / "run2"), "model.build_tiny=true")
     assert res.returncode == 2 and "without a record of its data (tiny_source.json)" in res.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "run2").exists()
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SAMPLE, events, run_cli, tiny_overrides
+from conftest import ROOT, SAMPLE, TINY_RECIPE, events, run_cli, tiny_overrides
 from engine.compare import two_proportion_z, verdict
 from engine.data import Encoded, Example
 from engine.labels import label_problems
@@ -17,8 +17,8 @@ SETS = ["recipes/baseline.yaml", "recipes/setA.yaml", "recipes/setB.yaml"]  # a 
 
 def tiny_set(tiny_model) -> list[str]:
     """What turns the GPU recipes into tiny CPU runs: model, data, batch, a higher lr so runs differ."""
-    return [f"model.path={tiny_model}", f"data.train={SAMPLE}", "train.micro_batch=4", "train.grad_accum=2",
-            "eval.every_steps=10", "train.gradient_checkpointing=false", "decode.max_new_tokens=16"]
+    return [f"model.path={tiny_model}", "model.build_tiny=false", f"data.train={SAMPLE}", "train.micro_batch=4",
+            "train.grad_accum=2", "eval.every_steps=10", "train.gradient_checkpointing=false", "decode.max_new_tokens=16"]
 
 
 @pytest.fixture(scope="module")
@@ -71,13 +71,13 @@ def test_sensitivity_report_matches_each_runs_metrics(sweep):
 
 def test_sensitivity_keeps_going_after_a_failure(tiny_model, tmp_path):
     broken = tmp_path / "broken.yaml"
-    broken.write_text(f"extends: {ROOT / 'recipes/tiny.yaml'}\ndata:\n  eval: {tmp_path / 'missing.csv'}\n",
+    broken.write_text(f"extends: {ROOT / TINY_RECIPE}\ndata:\n  eval: {tmp_path / 'missing.csv'}\n",
                       encoding="utf-8")
-    res = run_cli("-m", "engine.sensitivity", "recipes/tiny.yaml", str(broken), "recipes/setB.yaml",
+    res = run_cli("-m", "engine.sensitivity", TINY_RECIPE, str(broken), "recipes/setB.yaml",
                   "--epochs", "0.3", "--out", str(tmp_path / "s"), "--set", *tiny_set(tiny_model))
-    assert res.returncode == 1
+    assert res.returncode == 1, res.stderr[-3000:]
     assert "broken failed (exit 2)" in res.stderr
-    assert (tmp_path / "s" / "setB" / "summary.json").is_file()
+    assert (tmp_path / "s" / "setB" / "summary.json").is_file(), res.stderr[-3000:]
     assert set(table_rows((tmp_path / "s" / "compare.md").read_text(encoding="utf-8"))) == {"tiny", "setB"}
 
 
