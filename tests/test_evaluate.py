@@ -28,9 +28,10 @@ def setup(tiny_model, tiny_tokenizer):
         mc = [p for p, e in zip(ev.prompts, examples) if e.kind == "mc"]
         ids, mask = left_pad(mc, tiny_tokenizer.pad_token_id, "cpu")
         h = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1][:, -1]
-        mean = torch.nn.functional.normalize(h.mean(0), dim=0)
-        rows = torch.linalg.svd(h - h.mean(0), full_matrices=False)[2][: len(ev.digit_ids)]
-        rows -= (rows @ mean)[:, None] * mean  # the hidden state all questions share adds nothing
+        mean = h.mean(0)
+        rows = torch.linalg.svd(h - mean, full_matrices=False)[2][: len(ev.digit_ids)]
+        shared = torch.nn.functional.normalize(mean, dim=0)
+        rows -= (rows @ shared)[:, None] * shared  # the hidden state all questions share adds nothing
         model.get_output_embeddings().weight[ev.digit_ids] = 100 * rows
     return model, ev
 

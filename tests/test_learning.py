@@ -1,7 +1,7 @@
 """The README's demo, as a newcomer runs it, learns: `python train.py recipes/tiny.yaml` builds the demo-size
 tiny model from data/sample.csv and trains it; its held-out MC accuracy starts near chance and ends high.
 A label shifted by one, wrong digit ids or a prompt that differs between training and eval fails here."""
-from conftest import ROOT, events, run_cli
+from conftest import events, run_cli
 
 from engine.sample_data import GLOSSARY
 
