@@ -7,6 +7,7 @@ other libraries.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 
 NOISE = (
@@ -32,6 +33,9 @@ class _DropPrefix(logging.Filter):
 
 def quiet_library_noise() -> None:
     """Install the filters; call before the libraries are imported (bitsandbytes logs at import)."""
+    # transformers' "Loading weights" and "Writing model shards" bars: a 7B model loads in seconds, and our
+    # own bar is the one a user watches; read once, when huggingface_hub is imported
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     for category, message, module in NOISE:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
     for name, prefix in LOG_NOISE.items():

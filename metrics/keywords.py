@@ -23,19 +23,21 @@ def stopwords() -> frozenset[str]:
 
 @lru_cache(maxsize=1)
 def _kiwi():
+    """Kiwi in the calling thread: an eval's answers take milliseconds, and no pool of its own then runs
+    beside PyTorch's threads (nor is lost to a fork: a forked process can use a tagger loaded before it)."""
+    import warnings
     from kiwipiepy import Kiwi
-    return Kiwi()
+    with warnings.catch_warnings():  # kiwipiepy >= 0.21 notes that 0 no longer means "all cores"
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return Kiwi(num_workers=0)
 
 
 def content_morphemes(texts: Sequence[str]) -> list[set[str]]:
-    """For each text, its set of content morphemes (SL lower-cased), in one batched Kiwi call."""
+    """For each text, its set of content morphemes (SL lower-cased)."""
     stop = stopwords()
-    out: list[set[str]] = [set() for _ in texts]
-    todo = [i for i, t in enumerate(texts) if t.strip()]
-    for i, tokens in zip(todo, _kiwi().tokenize([texts[i] for i in todo])):
-        out[i] = {t.form.lower() if t.tag == "SL" else t.form for t in tokens
-                  if t.tag in CONTENT_TAGS and t.form not in stop}
-    return out
+    kiwi = _kiwi()
+    return [{t.form.lower() if t.tag == "SL" else t.form for t in kiwi.tokenize(text)
+             if t.tag in CONTENT_TAGS and t.form not in stop} if text.strip() else set() for text in texts]
 
 
 def _squash(text: str) -> str:

@@ -2,6 +2,7 @@
 from ../shared when it is there (tests that need it skip cleanly otherwise)."""
 from __future__ import annotations
 
+import atexit
 import csv
 import json
 import os
@@ -27,6 +28,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if "PYTEST_XDIST_WORKER" in os.environ:  # a worker beside others: one thread each, for it and its subprocesses
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 quiet_library_noise()  # the in-process tests see what the command lines see
+
+
+LONGEST_FIRST = ("test_learning.py", "test_loss.py", "test_workflow.py", "test_distributed.py",
+                 "test_reliability.py", "test_train.py", "test_evaluate.py")
+"""The files that take longest (in that order, as measured): with a file per worker, running them first
+lets the two workers end together instead of one finishing a long file alone."""
+
+
+def pytest_collection_modifyitems(items) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
 @pytest.fixture(scope="session")
@@ -59,11 +71,42 @@ def fsku_dev() -> Path:
     return FSKU_DEV
 
 
-def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run `python ARGS...` from the repository root, capturing output."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+def cli_env() -> dict:
+    return dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+
+
+_server: list = []
+
+
+def fork_server():
+    """This worker's warm Python (tests/forkserver.py), started at its first use."""
+    if not _server:
+        from forkserver import ForkServer
+        _server.append(ForkServer(ROOT, cli_env()))
+        atexit.register(_server[0].close)
+    return _server[0]
+
+
+def start_cli(*args: str, cwd: Path = ROOT):
+    """Start `python ARGS...` from the repository root as a child of the warm Python; returns a
+    Popen-like handle (poll, wait, send_signal, returncode) whose output() is its stdout and stderr."""
+    return fork_server().start(list(args), cwd, cli_env())
+
+
+def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 300, fresh: bool = False) -> subprocess.CompletedProcess:
+    """Run `python ARGS...` from the repository root, capturing output: forked from the warm Python, or
+    in a fresh interpreter when `fresh` (what a user's first command pays, imports and all)."""
+    if fresh:
+        return subprocess.run([sys.executable, *args], cwd=cwd, env=cli_env(), capture_output=True, text=True,
+                              timeout=timeout)
+    proc = start_cli(*args, cwd=cwd)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
+    return subprocess.CompletedProcess(list(args), proc.returncode, *proc.output())
 
 
 def tiny_overrides(tiny_model: Path, out: Path, *extra: str) -> list[str]:
@@ -81,7 +124,7 @@ def write_csv(path: Path, rows: list[list[str]], header=("ID", "Question", "Answ
     return path
 
 
-LIBRARY_NOISE = re.compile(r"Warning|warnings\.warn|Failed to load|deprecated")
+LIBRARY_NOISE = re.compile(r"Warning|warnings\.warn|Failed to load|deprecated|Loading weights|Writing model shards")
 
 
 def assert_no_library_warnings(stderr: str) -> None:

@@ -1,16 +1,13 @@
 """infer.py on real FSKU questions with the tiny model: valid answers, resumable, atomic, refuses bad input."""
 import csv
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SAMPLE, assert_no_library_warnings, run_cli
+from conftest import SAMPLE, assert_no_library_warnings, run_cli, start_cli
 from engine.data import read_examples
 
 
@@ -34,7 +31,7 @@ def infer_args(tiny_model, test_csv, out, *extra):
 @pytest.fixture(scope="module")
 def clean_output(tiny_model, test_csv, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("clean") / "submission.csv"
-    res = run_cli(*infer_args(tiny_model, test_csv, out, "--batch-size", "4"))
+    res = run_cli(*infer_args(tiny_model, test_csv, out, "--batch-size", "4"), fresh=True)  # imports and all
     assert res.returncode == 0, res.stderr[-3000:]
     assert "after model load" in res.stderr
     assert_no_library_warnings(res.stderr)
@@ -59,9 +56,7 @@ def test_every_answer_is_valid(clean_output, test_csv):
 def test_killed_halfway_then_rerun_gives_the_same_bytes(clean_output, tiny_model, test_csv, tmp_path):
     out = tmp_path / "submission.csv"
     partial = Path(str(out) + ".partial.jsonl")
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, *infer_args(tiny_model, test_csv, out, "--batch-size", "4")],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_cli(*infer_args(tiny_model, test_csv, out, "--batch-size", "4"))
     deadline = time.time() + 300
     while proc.poll() is None and time.time() < deadline:
         if partial.exists() and len(partial.read_text(encoding="utf-8").splitlines()) >= 8:
@@ -86,8 +81,7 @@ def test_a_torn_partial_line_is_dropped(clean_output, tiny_model, test_csv, tmp_
     out.unlink()
     partial = Path(str(out) + ".partial.jsonl")
     # kill a run after its first records, then tear its last line as a kill mid-write would
-    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_cli(*args)
     while proc.poll() is None and not (partial.exists() and len(partial.read_text().splitlines()) >= 3):
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)

@@ -1,15 +1,13 @@
 """The tiny recipe end to end, as a user runs it: `python train.py recipes/tiny.yaml ...`."""
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SAMPLE, TINY_RECIPE, assert_no_library_warnings, events, run_cli, tiny_overrides
+from conftest import (SAMPLE, TINY_RECIPE, assert_no_library_warnings, events, run_cli, start_cli,
+                      tiny_overrides)
 
 EVAL_FIELDS = {"eval_loss", "mc_accuracy", "subj_cos", "subj_kw", "subj_score", "final_score",
                "mc_format_violation_rate", "subj_len_violation_rate", "subj_format_violation_rate",
@@ -19,7 +17,7 @@ EVAL_FIELDS = {"eval_loss", "mc_accuracy", "subj_cos", "subj_kw", "subj_score", 
 @pytest.fixture(scope="module")
 def full_run(tiny_model, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("full") / "run"
-    res = run_cli("train.py", TINY_RECIPE, *tiny_overrides(tiny_model, out))
+    res = run_cli("train.py", TINY_RECIPE, *tiny_overrides(tiny_model, out), fresh=True)  # imports and all
     assert res.returncode == 0, res.stderr[-3000:]
     assert "trainable parameters:" in res.stdout and "done:" in res.stdout
     assert "learned: mc_accuracy " in res.stdout and "(eval at step 20 -> the best, step " in res.stdout
@@ -71,9 +69,7 @@ def test_adapter_loads_with_peft(full_run, tiny_model):
 
 def test_kill_after_first_checkpoint_then_resume_gives_the_same_losses(full_run, tiny_model, tmp_path):
     out = tmp_path / "killed"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "train.py", TINY_RECIPE, *tiny_overrides(tiny_model, out)],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_cli("train.py", TINY_RECIPE, *tiny_overrides(tiny_model, out))
     first = out / "checkpoints" / "step-15"
     deadline = time.time() + 300
     while not first.exists() and proc.poll() is None and time.time() < deadline:
