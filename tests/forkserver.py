@@ -210,7 +210,8 @@ def run_as_python(argv: list[str]) -> None:
     python, args = os.environ["FSKU_WARM_PYTHON"], list(argv)
     while args and args[0] == "-u":
         args, os.environ["PYTHONUNBUFFERED"] = args[1:], "1"
-    ours = bool(args) and (args[0] == "-m" or HERE.parent in Path(os.path.abspath(args[0])).parents)
+    ours = bool(args) and (args[0] == "-m" or not args[0].startswith("-")
+                           and HERE.parent in Path(os.path.abspath(args[0])).parents)
     if not ours or "FSKU_WARM_SOCKET" not in os.environ:
         os.execv(python, [python, *argv])
     lines, pid = connect(os.environ["FSKU_WARM_SOCKET"], args, os.getcwd(), dict(os.environ), (0, 1, 2))
