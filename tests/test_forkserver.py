@@ -3,9 +3,10 @@ directory, sys.path, environment, output and exit status; -9 kills them; and wha
 sys.executable (tests/warm-python) runs too, warm for this repository's files and fresh otherwise."""
 import json
 import signal
+import socket
 import time
 
-from conftest import ROOT, run_cli, start_cli
+from conftest import ROOT, fork_server, run_cli, start_cli
 
 PROBE = """import json, os, subprocess, sys
 print(json.dumps({"argv": sys.argv, "cwd": os.getcwd(), "path0": sys.path[0], "value": os.environ.get("PROBE"),
@@ -49,3 +50,12 @@ def test_a_warm_command_line_dies_of_kill_9(tmp_path):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=30) == -signal.SIGKILL
+
+
+def test_a_client_that_hangs_up_mid_request_leaves_the_server_serving():
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.connect(fork_server().socket)
+    client.send(b'{"args": ')
+    client.close()
+    res = run_cli("-m", "metrics", "--help")
+    assert res.returncode == 0 and res.stdout.startswith("usage: python -m metrics")
