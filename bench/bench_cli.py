@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -36,15 +37,22 @@ def run_train_py(recipe: str, model_dir: str, csv: str, steps: int, out_dir: Pat
     overrides = [f"model.path={model_dir}", f"data.train={csv}", f"train.max_steps={steps}", f"output_dir={out_dir}",
                  *extra]
     shutil.rmtree(out_dir, ignore_errors=True)
+    report = log.with_suffix(".compile.json")
     with open(log, "w") as f:
-        r = subprocess.run([sys.executable, "train.py", recipe, *overrides], stdout=f, stderr=subprocess.STDOUT)
+        r = subprocess.run([sys.executable, "-m", "bench.compile_report", str(report), "train.py", recipe, *overrides],
+                           stdout=f, stderr=subprocess.STDOUT)
     if r.returncode:
         raise SystemExit(f"train.py exited {r.returncode}; see {log}")
     events = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     train = [e for e in events if e["event"] == "train"]
     plan = next((line for line in log.read_text().splitlines() if line.startswith("speed plan")), "")
-    return {"step_s": statistics.median(e["step_s"] for e in train[WARMUP:]), "first_step_s": train[0]["step_s"],
-            "peak_gib": max(e["peak_mem_gib"] for e in train), "plan": plan,
+    predicted = re.search(r"predicted peak ([0-9.]+) GiB", plan)
+    timed = [e["step_s"] for e in train[WARMUP:]]
+    return {"step_s": statistics.median(timed), "mean_step_s": statistics.mean(timed),
+            "first_step_s": train[0]["step_s"], "second_step_s": train[1]["step_s"],
+            "peak_gib": max(e["peak_mem_gib"] for e in train),
+            "predicted_peak_gib": float(predicted.group(1)) if predicted else None,
+            "peak_reserved_gib": max(e.get("peak_reserved_gib", 0.0) for e in train), "plan": plan,
             "overrides": [o for o in overrides if not o.startswith(BENCH_KEYS)]}
 
 
@@ -119,11 +127,14 @@ def main() -> None:
                        key=lambda r: r["step_s"], default={})
     entry = {"recipe": a.recipe, "csv": a.train_csv, "steps": a.steps, "warmup": WARMUP, "plan": warm["plan"],
              "hf_step_s": best_hf["step_s"], "hf_peak_gib": best_hf["peak_gib"], "hf_rows": hf,
-             "ours_step_s": warm["step_s"], "ours_step_s_cold_run": cold["step_s"], "ours_peak_gib": warm["peak_gib"],
+             "ours_step_s": warm["step_s"], "ours_mean_step_s": warm["mean_step_s"],
+             "ours_step_s_cold_run": cold["step_s"], "ours_peak_gib": warm["peak_gib"],
+             "ours_predicted_peak_gib": warm["predicted_peak_gib"], "ours_peak_reserved_gib": warm["peak_reserved_gib"],
              "speedup_vs_hf": best_hf["step_s"] / warm["step_s"],
              "peak_mem_ratio_vs_hf": warm["peak_gib"] / best_hf["peak_gib"], "ours_overrides": warm["overrides"],
              "bench_overrides": [o for o in a.override if o.startswith(BENCH_KEYS)],
              "first_step_s_cold": cold["first_step_s"], "first_step_s_warm": warm["first_step_s"],
+             "second_step_s_cold": cold["second_step_s"], "second_step_s_warm": warm["second_step_s"],
              "unsloth_step_s": best_unsloth.get("step_s"), "unsloth_peak_gib": best_unsloth.get("peak_gib"),
              "speedup_vs_unsloth": best_unsloth["step_s"] / warm["step_s"] if best_unsloth else None,
              "unsloth_rows": unsloth,

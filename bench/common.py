@@ -14,14 +14,19 @@ TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special
                    "generation_config.json")
 
 
-def make_random_model(config_dir: Path, out_dir: Path) -> Path:
+def make_random_model(config_dir: Path, out_dir: Path, layers: int = 0) -> Path:
     """A.X 4.0 Light's exact shape with random weights (bf16), saved with the real tokenizer files.
-    Says nothing about accuracy; a faithful stand-in for speed and memory."""
+    Says nothing about accuracy; a faithful stand-in for speed and memory. `layers` > 0: only that many
+    decoder layers (quick checks of what a layer computes)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if (out_dir / "config.json").is_file():
         return out_dir
     config = AutoConfig.from_pretrained(str(config_dir))
+    if layers:
+        config.num_hidden_layers = layers
+        if getattr(config, "layer_types", None):
+            config.layer_types = config.layer_types[:layers]
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)

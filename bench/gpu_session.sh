@@ -6,7 +6,9 @@
 # generate), "cli" (train.py recipes/baseline.yaml as users run it, cold and warm compile cache, beside HF
 # Trainer on the same CSV: bench/bench_cli.py), "cli-all" (the same with Unsloth beside them, 20 steps), "profile-cli"
 # (the default plan's step under torch.profiler, through engine.loop's setup and train_step), "diagnose" (that
-# profile, an older commit's train.py from .carry/old6b, Unsloth), "loop" (train.py baseline 30 steps), ...
+# profile, an older commit's train.py from .carry/old6b, Unsloth), "graphs" (train.cuda_graphs against the same
+# levers without it on a 4-layer model, then train.py baseline as users run it), "debug-capture"
+# (bench/debug_capture.py: each capture's first error), "loop" (train.py baseline 30 steps), ...
 # Needs .whl (../shared/tools/gpu-carry.sh; its kiwipiepy wheels may be left out: 35 MiB the bench never imports)
 # and .carry (A.X tokenizer files + FSKU dev CSV) carried along; "cli-all" and "diagnose" also .unsloth
 # (../shared/tools/unsloth-carry.sh). Results land in $OUT.
@@ -23,7 +25,32 @@ t=$(date +%s)
 python3 -c "from pathlib import Path; from bench.common import make_random_model as m; m(Path('.carry/ax4-light-tokenizer'), Path('$M'))" || exit 1
 echo "model ready after $(( $(date +%s) - t )) s" >> "$OUT/gpu_$stage.txt"
 python3 -m bench.make_data .carry/fsku_dev.csv .carry/ax4-light-tokenizer $D || exit 1
-if [ "$stage" = cli-all ]; then
+if [ "$stage" = graphs ]; then
+  # CUDA graphs against the same levers without them (dropout 0: the same step bit for bit is the claim) on a
+  # 4-layer A.X-width model, then train.py recipes/baseline.yaml as users run it (cold cache, no HF)
+  python3 -c "from pathlib import Path; from bench.common import make_random_model as m; m(Path('.carry/ax4-light-tokenizer'), Path('.cache/ax-4l'), layers=4)" || exit 1
+  export TORCHINDUCTOR_CACHE_DIR=$PWD/.cache/inductor
+  levers="train.speed=off train.compile=true train.expand_double_quant=true train.dequant_in_graph=true train.save_matmuls=4"
+  common="recipes/baseline.yaml model.path=.cache/ax-4l data.train=$D/eval2000.csv data.eval_size=64 train.max_steps=12
+    lora.dropout=0 eval.generate=false eval.every_steps=0 checkpoint.at_steps=[] checkpoint.every_epoch=false $levers"
+  for g in false true; do
+    timeout 150 python3 train.py $common train.cuda_graphs=$g output_dir=.cache/graphs-$g > "$OUT/graphs_$g.log" 2>&1
+    cp .cache/graphs-$g/metrics.jsonl "$OUT/graphs_${g}_metrics.jsonl"
+  done
+  python3 -m bench.compare_losses "$OUT/graphs_false_metrics.jsonl" "$OUT/graphs_true_metrics.jsonl" \
+    > "$OUT/graphs_compare.txt" 2>&1
+  timeout 280 python3 -m bench.bench_cli $M $D/eval2000.csv "$OUT/cli.json" --steps 30 --ours-only \
+    --override eval.generate=false > "$OUT/cli.log" 2>&1
+  cp .cache/bench-cli/cold/metrics.jsonl "$OUT/cli_cold_metrics.jsonl" 2>/dev/null
+elif [ "$stage" = debug-capture ]; then
+  python3 -c "from pathlib import Path; from bench.common import make_random_model as m; m(Path('.carry/ax4-light-tokenizer'), Path('.cache/ax-4l'), layers=4)" || exit 1
+  common="recipes/baseline.yaml model.path=.cache/ax-4l data.train=$D/eval2000.csv data.eval_size=64 lora.dropout=0
+    eval.generate=false train.cuda_graphs=true train.resume=false"
+  timeout 60 python3 -m bench.debug_capture $common train.speed=off output_dir=.cache/debug-eager \
+    > "$OUT/debug_eager.log" 2>&1
+  TORCH_LOGS="+torch._inductor.codecache,+torch._functorch._aot_autograd.autograd_cache" timeout 200 \
+    python3 -m bench.debug_capture $common output_dir=.cache/debug-compiled > "$OUT/debug_compiled.log" 2>&1
+elif [ "$stage" = cli-all ]; then
   # ours (cold, then warm compile cache), HF Trainer and Unsloth on one CSV, one card, one call (needs .unsloth
   # carried too: ../shared/tools/unsloth-carry.sh); 20 steps each to fit the device's 10 minutes a call
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/usite \

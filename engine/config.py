@@ -206,6 +206,10 @@ class TrainConfig(Section):
     dequant_in_graph: bool = False
     """Lever: with compile and expand_double_quant, each 4-bit weight dequantized by a Triton kernel the
     compiled layer launches itself (bit for bit bitsandbytes' weights)."""
+    cuda_graphs: bool = False
+    """Lever: with packing, on CUDA, each forward shape's forward and backward captured as a CUDA graph the
+    second time it comes and replayed after (engine/perf/graphs.py): the same step, without the host's
+    thousands of kernel launches."""
     resume: bool = True
     """Continue from the run directory's newest verified checkpoint; false starts a new directory."""
     skip_nonfinite: int = ranged(0, NON_NEGATIVE)
@@ -224,6 +228,9 @@ class TrainConfig(Section):
         if self.dequant_in_graph and not (self.compile and self.expand_double_quant):
             # eagerly, autograd would keep every dequantized weight for backward: 2 bytes a weight
             raise FieldError("dequant_in_graph", "needs {compile} and {expand_double_quant}: true")
+        if self.cuda_graphs and not self.packing:
+            # one padded row per example: a new width nearly every step, so a graph would seldom replay
+            raise FieldError("cuda_graphs", "needs {packing}: true")
         if self.keep_activations and not self.gradient_checkpointing:
             raise FieldError("keep_activations", "only means something with {gradient_checkpointing}: true")
 

@@ -57,7 +57,7 @@ def teacher_forced(model, encoded: Sequence[Encoded], micro_batch: int, pad_id: 
         rows_of_batch = order[k: k + micro_batch]
         batch = collate([encoded[i] for i in rows_of_batch], pad_id, device)
         with autocast(device):
-            h, t, rows = answer_positions(model, batch)
+            h, t, rows = (x[:batch.n_answer_tokens] for x in answer_positions(model, batch))  # no padding slots
             first = torch.ones_like(rows, dtype=torch.bool)
             first[1:] = rows[1:] != rows[:-1]
             for i in range(0, h.shape[0], chunk):

@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -35,12 +35,11 @@ from engine.faults import fault
 from engine.files import atomic_write_text
 from engine.labels import check_labels
 from engine.lora import is_4bit
-from engine.loss import forward_backward
 from engine.model import add_lora, count_parameters, ensure_tiny_model, load_base_model, load_tokenizer
 from engine.paths import check_model_dir
-from engine.perf.packing import step_batches
-from engine.perf.plan import Plan
-from engine.perf.speed import speed_up
+from engine.perf.packing import largest_forward, step_batches
+from engine.perf.plan import Plan, check_device
+from engine.perf.speed import speed_up, step_forwards
 from engine.run_dir import MetricsLog, data_fingerprints, prepare_run_dir, record_run, setup_logging
 from engine.sampling import Sampler
 from engine.schedule import lr_at
@@ -111,6 +110,8 @@ class Session:
     plan: Plan
     params: list[torch.nn.Parameter]
     """The trainable parameters (the adapters), gathered once: the step sums, clips and updates them."""
+    forwards: Any
+    """`(batches, denom) -> loss`: a step's forwards and backwards, as the plan runs them."""
     optimizer: Any
     evaluator: Optional[Evaluator]
     metrics: MetricsLog
@@ -142,12 +143,13 @@ def setup(recipe: Recipe, overrides: list[str] = ()) -> Session:
     started = time.perf_counter()
     check_inputs(recipe)
     device = dist.init()
+    check_device(recipe.train, device)
     data = load_data(recipe)
     run_dir, saved, data.eval = open_run_dir(recipe, data, overrides)
     random.seed(recipe.seed)
     np.random.seed(recipe.seed)
     torch.manual_seed(recipe.seed)
-    model, plan = build_model(recipe, device)
+    model, plan = build_model(recipe, device, lambda: largest_forward_of(recipe, data))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, recipe)
     torch.manual_seed(recipe.seed + dist.rank())  # the same adapters on every rank, their own dropout masks
@@ -155,7 +157,8 @@ def setup(recipe: Recipe, overrides: list[str] = ()) -> Session:
     evaluator = Evaluator(data.tokenizer, data.eval, recipe, run_dir) if main else None
     notes = data_notes(data.all_train + (data.eval_pool or []), data.encoded, evaluator.encoded if main else [],
                        recipe.data.max_len)
-    s = Session(recipe, device, main, data, run_dir, model, plan, params, optimizer, evaluator,
+    s = Session(recipe, device, main, data, run_dir, model, plan, params, step_forwards(model, plan, params),
+                optimizer, evaluator,
                 MetricsLog(run_dir / "metrics.jsonl", enabled=main), notes, started)
     resume(s, saved)
     return s
@@ -226,10 +229,10 @@ def open_run_dir(recipe: Recipe, data: Data, overrides: list[str]):
     return run_dir, saved, eval_ex
 
 
-def build_model(recipe: Recipe, device: torch.device):
+def build_model(recipe: Recipe, device: torch.device, largest_forward: Callable[[], tuple[int, int]]):
     """(model with LoRA and the speed plan's levers, in train mode; the plan), announced in two lines."""
     model = add_lora(load_base_model(recipe.model), recipe.lora, recipe.train.gradient_checkpointing)
-    model, plan = speed_up(model, recipe, device)
+    model, plan = speed_up(model, recipe, device, largest_forward)
     trainable, total = count_parameters(model)
     quant = "4-bit NF4" if any(is_4bit(p) for p in model.parameters()) else f"{next(model.parameters()).dtype}"
     if dist.is_main():
@@ -238,6 +241,13 @@ def build_model(recipe: Recipe, device: torch.device):
         print(plan.line(), flush=True)
     model.train()
     return model, plan
+
+
+def largest_forward_of(recipe: Recipe, data: Data) -> tuple[int, int]:
+    """The most tokens and answer slots any forward of this rank's steps holds."""
+    steps = (dist.shard(data.sampler.batch_at(k)) for k in range(data.total_steps))
+    return largest_forward(steps, [len(e.input_ids) for e in data.encoded], [e.n_answer_tokens for e in data.encoded],
+                           recipe.train, recipe.data.max_len)
 
 
 def make_optimizer(params: list[torch.nn.Parameter], recipe: Recipe):
@@ -289,6 +299,8 @@ def train_step(s: Session) -> dict:
     event = {"event": "train", "step": s.step, "epoch": round(s.sampler.epoch_at(s.step - 1), 4), "loss": loss,
              "lr": lr, "step_s": round(elapsed, 4), "tokens_per_s": tokens / elapsed,
              "peak_mem_gib": round(peak_memory_gib(s.device), 3)}
+    if s.device.type == "cuda":  # what the allocator holds: CUDA graphs keep their own pool beside it
+        event["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(s.device) / 2**30, 3)
     s.metrics.write(event)
     return event
 
@@ -298,8 +310,7 @@ def backward(s: Session, batches: list, denom: float) -> float:
     at = s.step + 1
     try:
         fault("oom", at)
-        loss = dist.sum_scalar(forward_backward(s.model, batches, s.recipe.train.loss_weighting,
-                                                s.recipe.train.ce_chunk, denom))
+        loss = dist.sum_scalar(s.forwards(batches, denom))
         dist.sum_grads(s.params)
         fault("kill-step", at)
         return float(loss) * (float("nan") if fault("nan", at) else 1.0)

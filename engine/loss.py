@@ -17,42 +17,54 @@ def _head_ce(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def answer_positions(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The last hidden state at every position that predicts an answer token, that token, and the example
-    of each (row-major order, so an example's first entry predicts its first answer token)."""
+    """The last hidden state at every answer slot of `batch` (the position that predicts an answer token),
+    that token (-100 on padding slots) and its example: row-major order, so an example's first entry
+    predicts its first answer token. The first `batch.n_answer_tokens` slots are the real ones."""
     hidden = hidden_states(model, batch.input_ids, batch.attention_mask, batch.position_ids)
-    targets = batch.labels[:, 1:]
-    keep = targets != -100
-    return hidden[:, :-1][keep], targets[keep], batch.owners(keep)
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.answer_index)
+    return h, batch.answer_targets, batch.answer_owner
 
 
-def answer_token_losses(model, batch: Batch, chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-answer-token cross-entropy (fp32) and the example each token belongs to.
+def answer_token_losses(model, batch: Batch, chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-answer-slot cross-entropy (fp32; 0 on padding slots), the slots' targets and their examples.
 
-    With `chunk` > 0 and more labelled positions than that, the head and the loss run `chunk` positions at
-    a time under activation checkpointing, so the fp32 logits of at most one chunk ever exist (they are
-    recomputed in backward): 8 x 2048 labelled tokens would otherwise hold 6.7 GB of logits.
+    With `chunk` > 0 and more slots than that, the head and the loss run `chunk` positions at a time under
+    activation checkpointing, so the fp32 logits of at most one chunk ever exist (they are recomputed in
+    backward): 8 x 2048 labelled tokens would otherwise hold 6.7 GB of logits. The head draws no random
+    numbers, so its recompute needs no saved RNG state (which CUDA graph capture could not read).
     """
-    h, t, rows = answer_positions(model, batch)
+    h, t, owners = answer_positions(model, batch)
     _, head = decoder_and_head(model)
     if chunk and h.shape[0] > chunk and torch.is_grad_enabled():
-        ce = torch.cat([checkpoint(_head_ce, head, h[i:i + chunk], t[i:i + chunk], use_reentrant=False)
+        ce = torch.cat([checkpoint(_head_ce, head, h[i:i + chunk], t[i:i + chunk], use_reentrant=False,
+                                   preserve_rng_state=False)
                         for i in range(0, h.shape[0], chunk)])
     else:
         ce = _head_ce(head, h, t)
-    return ce, rows
+    return ce, t, owners
 
 
-def weighted_loss_sum(ce: torch.Tensor, owners: torch.Tensor, n_examples: int, weighting: str) -> torch.Tensor:
+def weighted_loss_sum(ce: torch.Tensor, targets: torch.Tensor, owners: torch.Tensor, n_examples: int,
+                      weighting: str) -> torch.Tensor:
     """The micro-batch's share of the step loss, before division by the step's denominator.
 
     token: sum of token losses (the step divides by its answer-token count);
-    example: sum of per-example mean losses (the step divides by its example count).
+    example: sum of per-example mean losses (the step divides by its example count). Padding slots
+    (target -100) count for neither; no shape depends on the data, so the sum runs without a wait.
     """
     if weighting == "token":
         return ce.sum()
-    counts = torch.zeros(n_examples, device=ce.device).index_add_(0, owners, torch.ones_like(ce))
+    real = (targets != -100).to(ce.dtype)
+    counts = torch.zeros(n_examples, device=ce.device).index_add_(0, owners, real)
     sums = torch.zeros(n_examples, device=ce.device).index_add_(0, owners, ce)
-    return (sums[counts > 0] / counts[counts > 0]).sum()
+    return (sums / counts.clamp(min=1)).sum()
+
+
+def micro_batch_loss(model, batch: Batch, weighting: str, chunk: int, denom: float | torch.Tensor) -> torch.Tensor:
+    """One micro-batch's share of the step loss (divided by the whole step's `denom`), ready for backward."""
+    with autocast(batch.input_ids.device):
+        ce, targets, owners = answer_token_losses(model, batch, chunk)
+    return weighted_loss_sum(ce, targets, owners, batch.n_examples, weighting) / denom
 
 
 def forward_backward(model, batches: Sequence[Batch], weighting: str, chunk: int = 0,
@@ -64,19 +76,19 @@ def forward_backward(model, batches: Sequence[Batch], weighting: str, chunk: int
     the gradient of the whole batch's loss. `denom` is that count for a step spread over several ranks
     (each rank then passes only its own micro-batches); by default it is counted from `batches`.
     """
-    if denom is None and weighting == "token":
-        denom = sum(b.n_answer_tokens for b in batches)
-    elif denom is None:
-        denom = sum(b.n_labelled_examples for b in batches)
-    device = batches[0].input_ids.device
-    loss = torch.zeros((), device=device)
+    if denom is None:
+        denom = step_denominator(batches, weighting)
+    loss = torch.zeros((), device=batches[0].input_ids.device)
     for b in batches:
-        with autocast(device):
-            ce, owners = answer_token_losses(model, b, chunk)
-        part = weighted_loss_sum(ce, owners, b.n_examples, weighting) / max(1, denom)
+        part = micro_batch_loss(model, b, weighting, chunk, max(1, denom))
         part.backward()
         loss += part.detach()
     return loss
+
+
+def step_denominator(batches: Sequence[Batch], weighting: str) -> int:
+    """The step's answer tokens (token weighting) or examples with an answer (example weighting)."""
+    return sum(b.n_answer_tokens if weighting == "token" else b.n_labelled_examples for b in batches)
 
 
 def autocast(device: torch.device):

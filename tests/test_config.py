@@ -79,6 +79,7 @@ def test_extends_merges_parent_first_and_overrides_last(tmp_path):
     (BASE, ["train.dequant_in_graph=true", "train.expand_double_quant=true"],
      "train.dequant_in_graph needs train.compile and train.expand_double_quant: true"),
     (BASE, ["train.dequant_in_graph=true", "train.compile=true"], "train.dequant_in_graph needs train.compile"),
+    (BASE, ["train.cuda_graphs=true", "train.packing=false"], "train.cuda_graphs needs train.packing: true"),
     ("model:\n  path: m\n", [], "data.train is required"),
     ("- a\n- b\n", [], "a recipe must be a mapping"),
     ("model: [unclosed\n", [], "not valid YAML"),

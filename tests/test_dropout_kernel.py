@@ -44,17 +44,43 @@ def test_fused_op_is_dropout_then_matmul_with_its_gradients():
     torch.library.opcheck(torch.ops.fsku.lora_a_dropout.default, (x.detach().requires_grad_(), w, seed, p))
 
 
-def test_lora_a_with_dropout_computes_in_the_autocast_dtype_and_draws_a_seed_a_call():
+def test_lora_a_with_dropout_computes_in_the_autocast_dtype_and_drops_what_its_seed_says():
     torch.manual_seed(0)
-    x, w = torch.randn(2, 5, 64), torch.randn(8, 64)
+    x, w, seed = torch.randn(2, 5, 64), torch.randn(8, 64), torch.tensor([3])
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        low = lora_a_with_dropout(x, w, 0.5)
+        low = lora_a_with_dropout(x, w, 0.5, seed)
     assert low.shape == (2, 5, 8) and low.dtype == torch.bfloat16
-    assert lora_a_with_dropout(x, w, 0.5).dtype == torch.float32
-    torch.manual_seed(1)
-    first, second = lora_a_with_dropout(x, w, 0.5), lora_a_with_dropout(x, w, 0.5)
-    torch.manual_seed(1)
-    assert not torch.equal(first, second) and torch.equal(first, lora_a_with_dropout(x, w, 0.5))
+    first = lora_a_with_dropout(x, w, 0.5, seed)
+    assert first.dtype == torch.float32 and torch.equal(first, lora_a_with_dropout(x, w, 0.5, seed.clone()))
+    assert not torch.equal(first, lora_a_with_dropout(x, w, 0.5, torch.tensor([4])))
+
+
+def test_each_lora_linear_gets_its_own_seed_drawn_before_each_training_forward(tiny_model):
+    from engine.config import LoraConfig, ModelConfig
+    from engine.lora import lora_linears
+    from engine.model import add_lora, load_base_model
+    from engine.perf.lora_forward import set_lora_forward
+
+    model = set_lora_forward(add_lora(load_base_model(ModelConfig(path=str(tiny_model), quant="none")),
+                                      LoraConfig(r=4, alpha=8, dropout=0.1), False), dropout_kernel=True)
+    seeds = lambda: [int(m.dropout_seed) for m in lora_linears(model)]  # noqa: E731
+    ids = torch.tensor([[5, 6, 7]])
+    model.train()
+    model(input_ids=ids)
+    first = seeds()
+    assert len(set(first)) == len(first) == 14  # 2 layers x 7 projections
+    model(input_ids=ids)
+    second = seeds()
+    assert not set(first) & set(second)
+    model.eval()
+    model(input_ids=ids)
+    assert seeds() == second  # eval draws nothing
+    set_lora_forward(model, dropout_kernel=True)  # again: one hook, not two
+    model.train()
+    torch.manual_seed(9)
+    model(input_ids=ids)
+    torch.manual_seed(9)
+    assert seeds() == torch.zeros(14, dtype=torch.long).random_(0, 2 ** 31 - 1).tolist()  # one draw a forward
 
 
 INTERPRETED = """

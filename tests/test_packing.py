@@ -5,12 +5,13 @@ import torch
 from conftest import SAMPLE, TINY_RECIPE, events, run_cli, tiny_overrides
 from decode.forward import hidden_states
 from engine.batch import collate
-from engine.config import LoraConfig, ModelConfig
+from engine.batch import slot_count
+from engine.config import LoraConfig, ModelConfig, TrainConfig
 from engine.data import Encoded, encode_all, read_examples
 from engine.loss import forward_backward
 from engine.model import add_lora, load_base_model
-from engine.perf.packing import (first_fit_decreasing, pack_rows, packed_batches, packed_layout, padded_batches,
-                                 row_lengths_for)
+from engine.perf.packing import (first_fit_decreasing, largest_forward, pack_rows, packed_layout, row_lengths_for,
+                                 step_batches)
 
 
 @pytest.fixture(scope="module")
@@ -64,17 +65,31 @@ def test_first_fit_decreasing_keeps_every_example_once_within_capacity():
 @pytest.mark.parametrize("tokens_per_forward", [10 ** 6, 600])
 def test_packed_step_has_the_padded_steps_loss_and_lora_gradients(setup, weighting, tokens_per_forward):
     model, enc, pad = setup
-    packed = packed_batches(enc, pad, tokens_per_forward, torch.float32)
+    packed = step_batches(enc, pad, TrainConfig(packing=True, micro_batch=1), tokens_per_forward, torch.float32)
     assert sum(b.n_examples for b in packed) == len(enc)
     assert sum(b.n_tokens for b in packed) == sum(len(e.input_ids) for e in enc)
     if tokens_per_forward == 600:
         assert len(packed) > 1
-    want_loss, want_grads = loss_and_grads(model, padded_batches(enc, pad, 4, False), weighting)
+    padded = step_batches(enc, pad, TrainConfig(packing=False, micro_batch=4), 512, torch.float32)
+    want_loss, want_grads = loss_and_grads(model, padded, weighting)
     got_loss, got_grads = loss_and_grads(model, packed, weighting)
     assert abs(got_loss - want_loss) < 1e-5
     assert want_grads and all(float(g.abs().max()) > 0 for g in want_grads.values())
     for name, g in got_grads.items():
         assert torch.allclose(g, want_grads[name], atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_largest_forward_is_what_the_built_batches_hold(setup, packing):
+    """The plan sizes memory from the layout without building a batch: it must match the batches built."""
+    _, enc, pad = setup
+    train = TrainConfig(packing=packing, micro_batch=2)
+    steps = [[0, 1, 2, 3], [4, 5, 6, 7], [2, 5, 7, 1, 0]]
+    lengths, answers = [len(e.input_ids) for e in enc], [e.n_answer_tokens for e in enc]
+    built = [b for step in steps for b in step_batches([enc[i] for i in step], pad, train, 300, torch.float32)]
+    tokens, slots = largest_forward(steps, lengths, answers, train, 300)
+    assert tokens == max(b.input_ids.numel() for b in built)
+    assert slots == max(len(b.answer_targets) for b in built) == slot_count(max(b.n_answer_tokens for b in built))
 
 
 def logits_by_example(model, batch):

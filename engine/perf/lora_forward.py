@@ -27,7 +27,7 @@ def low_rank_input(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
     dropout = self.lora_dropout[adapter]
     if self.dropout_kernel and isinstance(dropout, torch.nn.Dropout) and dropout.training and dropout.p > 0:
         from engine.perf.dropout_kernel import lora_a_with_dropout
-        return lora_a_with_dropout(x, self.lora_A[adapter].weight, dropout.p)
+        return lora_a_with_dropout(x, self.lora_A[adapter].weight, dropout.p, self.dropout_seed)
     return self.lora_A[adapter](dropout(x))
 
 
@@ -54,10 +54,14 @@ def set_lora_forward(model, fused_update: bool = False, dropout_kernel: bool = F
     """Give every LoRA linear of `model` (peft) the training levers asked for (train.fused_lora,
     train.dropout_kernel) through `training_forward`, or peft's own forward back when neither; in place,
     returns `model`."""
-    for module in lora_linears(model):
+    from engine.perf.dropout_kernel import attach_seeds
+
+    modules = lora_linears(model)
+    for module in modules:
         module.fused_update, module.dropout_kernel = fused_update, dropout_kernel
         if fused_update or dropout_kernel:
             module.forward = types.MethodType(training_forward, module)
         else:
             module.__dict__.pop("forward", None)
+    attach_seeds(model, modules if dropout_kernel else [])
     return model

@@ -8,11 +8,11 @@ steps; a step takes the row length that pads it least.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import torch
 
-from engine.batch import Batch, collate
+from engine.batch import Batch, collate, slot_count
 from engine.config import TrainConfig
 from engine.data import Encoded
 
@@ -73,9 +73,8 @@ def pack_rows(items: Sequence[Encoded], rows: Sequence[Sequence[int]], width: in
             owner[r, at:at + n] = example
             positions[r, at:at + n] = torch.arange(n)
             at, example = at + n, example + 1
-    owner = owner.to(device)
-    return Batch(ids.to(device), block_causal_mask(owner, mask_dtype), labels.to(device), owner,
-                 positions.to(device), packed_examples=example)
+    mask = block_causal_mask(owner.to(device), mask_dtype)  # on the device: width^2 values a row
+    return Batch(ids, mask, labels, owner, positions, packed_examples=example).to(device)
 
 
 def packed_layout(lengths: Sequence[int], tokens_per_forward: int) -> tuple[int, list[list[int]]]:
@@ -85,29 +84,61 @@ def packed_layout(lengths: Sequence[int], tokens_per_forward: int) -> tuple[int,
     return min(layouts, key=lambda layout: (len(layout[1]) * layout[0], layout[0]))
 
 
-def packed_batches(items: Sequence[Encoded], pad_id: int, tokens_per_forward: int, mask_dtype: torch.dtype,
-                   device: torch.device | str = "cpu") -> list[Batch]:
+class Forward(NamedTuple):
+    """One forward of a step, before any tensor is built: its rows (indices into the step's items) and width."""
+    width: int
+    rows: list[list[int]]
+
+    @property
+    def tokens(self) -> int:
+        return len(self.rows) * self.width
+
+    @property
+    def items(self) -> list[int]:
+        return [i for row in self.rows for i in row]
+
+
+def packed_forwards(lengths: Sequence[int], tokens_per_forward: int) -> list[Forward]:
     """A step's examples packed into rows of one length (`packed_layout`), as many rows to a forward as
     `tokens_per_forward` holds (at least one)."""
-    width, rows = packed_layout([len(it.input_ids) for it in items], tokens_per_forward)
+    width, rows = packed_layout(lengths, tokens_per_forward)
     per_forward = max(1, tokens_per_forward // width)
-    return [pack_rows(items, rows[k:k + per_forward], width, pad_id, mask_dtype, device)
-            for k in range(0, len(rows), per_forward)]
+    return [Forward(width, rows[k:k + per_forward]) for k in range(0, len(rows), per_forward)]
 
 
-def padded_batches(items: Sequence[Encoded], pad_id: int, micro_batch: int, sort: bool,
-                   device: torch.device | str = "cpu") -> list[Batch]:
+def padded_forwards(lengths: Sequence[int], micro_batch: int, sort: bool) -> list[Forward]:
     """One example per row, `micro_batch` rows to a forward (sorted by length first when asked, to cut
-    padding)."""
-    order = sorted(range(len(items)), key=lambda i: -len(items[i].input_ids)) if sort else list(range(len(items)))
-    return [collate([items[i] for i in order[k:k + micro_batch]], pad_id, device)
-            for k in range(0, len(order), micro_batch)]
+    padding), each forward as wide as its longest example."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i]) if sort else list(range(len(lengths)))
+    chunks = [order[k:k + micro_batch] for k in range(0, len(order), micro_batch)]
+    return [Forward(max(lengths[i] for i in chunk), [[i] for i in chunk]) for chunk in chunks]
+
+
+def step_layout(lengths: Sequence[int], train: TrainConfig, max_len: int) -> list[Forward]:
+    """The forwards of one optimizer step of examples of these lengths: packed (`train.packing`), as many
+    tokens to a forward as the recipe's longest micro-batch (`micro_batch x max_len`) could have, or one
+    example per row."""
+    if train.packing:
+        return packed_forwards(lengths, train.micro_batch * max_len)
+    return padded_forwards(lengths, train.micro_batch, train.sampler.group_by_length)
 
 
 def step_batches(items: Sequence[Encoded], pad_id: int, train: TrainConfig, max_len: int,
                  mask_dtype: torch.dtype, device: torch.device | str = "cpu") -> list[Batch]:
-    """The forwards of one optimizer step: packed (`train.packing`), as many tokens to a forward as the
-    recipe's longest micro-batch (`micro_batch x max_len`) could have, or one example per row."""
+    """The batches of `step_layout`, built."""
+    layout = step_layout([len(it.input_ids) for it in items], train, max_len)
     if train.packing:
-        return packed_batches(items, pad_id, train.micro_batch * max_len, mask_dtype, device)
-    return padded_batches(items, pad_id, train.micro_batch, train.sampler.group_by_length, device)
+        return [pack_rows(items, f.rows, f.width, pad_id, mask_dtype, device) for f in layout]
+    return [collate([items[i] for i in f.items], pad_id, device) for f in layout]
+
+
+def largest_forward(steps: Iterable[Sequence[int]], lengths: Sequence[int], answer_tokens: Sequence[int],
+                    train: TrainConfig, max_len: int) -> tuple[int, int]:
+    """The most tokens, and the most answer slots, that any forward of these steps (each a list of example
+    indices into `lengths` and `answer_tokens`) holds: what the speed plan sizes memory for."""
+    tokens = slots = 0
+    for step in steps:
+        for f in step_layout([lengths[i] for i in step], train, max_len):
+            tokens = max(tokens, f.tokens)
+            slots = max(slots, slot_count(sum(answer_tokens[step[i]] for i in f.items)))
+    return tokens, slots
