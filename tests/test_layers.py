@@ -12,16 +12,16 @@ LAYERS = [  # bottom first
               "engine.quiet", "engine.schedule", "engine.distributed"]),
     ("recipe and data", ["engine.config", "engine.data", "engine.batch", "engine.labels", "engine.split",
                          "engine.tiny", "engine.sample_data"]),
-    ("model", ["decode.forward", "engine.lora", "engine.model"]),
+    ("model", ["decode.forward", "engine.lora", "engine.model", "engine.loss"]),
     ("metrics", ["metrics", "metrics.*"]),
     ("decode", ["decode", "decode.*"]),
     ("perf", ["engine.perf", "engine.perf.*"]),
-    ("training", ["engine.loss", "engine.evaluate", "engine.checkpoint", "engine.sampling", "engine.curves",
+    ("training", ["engine.evaluate", "engine.checkpoint", "engine.sampling", "engine.curves",
                   "engine.compare", "engine.sensitivity", "engine.run_dir", "engine.loop"]),
     ("entry points", ["train", "infer"]),
 ]
 LEVER_KEYS = {"compile", "recompute_in_graph", "save_matmuls", "keep_activations", "fused_lora", "dropout_kernel",
-              "expand_double_quant", "dequant_in_graph", "packing", "speed", "memory_gib"}
+              "expand_double_quant", "dequant_in_graph", "packing", "speed", "memory_gib", "cuda_graphs"}
 
 
 def first_party() -> dict[str, Path]:

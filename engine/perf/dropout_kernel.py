@@ -74,7 +74,12 @@ def attach_seeds(model, modules) -> None:
     Calling it again replaces the previous seeds and hook."""
     from decode.forward import causal_lm
 
-    decoder = causal_lm(model).get_decoder()
+    lm = causal_lm(model)
+    if not hasattr(lm, "get_decoder"):  # given one layer, not a model: it has no forward to draw before
+        if modules:
+            raise TypeError("attach_seeds needs the model whose decoder runs the LoRA linears")
+        return
+    decoder = lm.get_decoder()
     old = getattr(decoder, "_dropout_seed_hook", None)
     if old is not None:
         old.remove()
