@@ -10,8 +10,9 @@ product; backward reads x once, writes dx and reduces dA.
 
 The dropout is the same function: each element kept with probability 1 - p and scaled by 1 / (1 - p),
 independently. Its draws come from the hash (only the seeds from PyTorch's generator, one per LoRA linear,
-drawn before each forward: `attach_seeds`), so a run with the kernel drops other elements than a run without. On the CPU the op runs the same hash as torch ops
-(`keep_mask`), which is what the tests compare the CUDA kernels with.
+drawn before each forward: `attach_seeds`), so a run with the kernel drops other elements than a run
+without. On the CPU the op runs the same hash as torch ops (`keep_mask`), which is what the tests compare the
+CUDA kernels with.
 """
 from __future__ import annotations
 

@@ -134,7 +134,3 @@ class GraphedForwards:
         log.info("CUDA graph %d captured: forwards of %d x %d tokens, %d answer slots", len(self.graphs), rows, width,
                  key[2])
         return graph.first
-
-    @property
-    def captured(self) -> int:
-        return len(self.graphs)
