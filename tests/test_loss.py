@@ -111,7 +111,7 @@ def loss_and_grads(model, batch):
 
 class HashedDropout(torch.nn.Module):
     """Dropout through PyTorch ops with train.dropout_kernel's draws (its LoRA linear's seed, drawn before
-    each forward by engine.perf.dropout_kernel.attach_seeds, the kept elements hashed from it): what the
+    each forward by engine.perf.lora_forward.attach_seeds, the kept elements hashed from it): what the
     kernel must compute."""
 
     def __init__(self, p: float, lora_linear):
@@ -156,7 +156,7 @@ def test_speed_levers_keep_the_same_loss(setup, tiny_model, lever):
     train = TrainConfig(**keys)
     plain_model = fresh_model(tiny_model, False, dropout)
     if train.dropout_kernel:
-        from engine.perf.dropout_kernel import attach_seeds
+        from engine.perf.lora_forward import attach_seeds
         attach_seeds(plain_model, lora_linears(plain_model))
         for m in lora_linears(plain_model):
             m.lora_dropout["default"] = HashedDropout(dropout, m)

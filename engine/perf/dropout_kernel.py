@@ -10,9 +10,9 @@ product; backward reads x once, writes dx and reduces dA.
 
 The dropout is the same function: each element kept with probability 1 - p and scaled by 1 / (1 - p),
 independently. Its draws come from the hash (only the seeds from PyTorch's generator, one per LoRA linear,
-drawn before each forward: `attach_seeds`), so a run with the kernel drops other elements than a run
-without. On the CPU the op runs the same hash as torch ops (`keep_mask`), which is what the tests compare the
-CUDA kernels with.
+drawn before each forward: `engine.perf.lora_forward.attach_seeds`), so a run with the kernel drops other
+elements than a run without. On the CPU the op runs the same hash as torch ops (`keep_mask`), which is what
+the tests compare the CUDA kernels with.
 """
 from __future__ import annotations
 
@@ -65,38 +65,6 @@ def _backward(ctx, grad):
 
 
 lora_a_dropout.register_autograd(_backward, setup_context=_setup_context)
-
-
-def attach_seeds(model, modules) -> None:
-    """Give each LoRA linear in `modules` its own seed (`dropout_seed`, a one-element view of one tensor) and
-    redraw them all from PyTorch's generator before every training forward of `model`'s decoder. Drawn
-    there, outside the compiled layers, a checkpoint's recompute reads the same seed without saving and
-    restoring the generator's state, and a CUDA graph (train.cuda_graphs) captures the draw itself.
-    Calling it again replaces the previous seeds and hook."""
-    from decode.forward import causal_lm
-
-    lm = causal_lm(model)
-    if not hasattr(lm, "get_decoder"):  # given one layer, not a model: it has no forward to draw before
-        if modules:
-            raise TypeError("attach_seeds needs the model whose decoder runs the LoRA linears")
-        return
-    decoder = lm.get_decoder()
-    old = getattr(decoder, "_dropout_seed_hook", None)
-    if old is not None:
-        old.remove()
-        decoder._dropout_seed_hook = None
-    if not modules:
-        return
-    device = next(modules[0].lora_A.parameters()).device
-    seeds = torch.zeros(len(modules), dtype=torch.long, device=device)
-    for i, module in enumerate(modules):
-        module.dropout_seed = seeds[i:i + 1]
-
-    def draw(decoder, args):
-        if decoder.training and torch.is_grad_enabled():
-            seeds.random_(0, 2 ** 31 - 1)
-
-    decoder._dropout_seed_hook = decoder.register_forward_pre_hook(draw)
 
 
 def lora_a_with_dropout(x: torch.Tensor, weight: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ import types
 
 import torch
 
+from decode.forward import causal_lm
 from engine.lora import lora_linears
 
 
@@ -50,12 +51,40 @@ def training_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return result
 
 
+def attach_seeds(model, modules) -> None:
+    """Give each LoRA linear in `modules` its own seed (`dropout_seed`, a one-element view of one tensor) and
+    redraw them all from PyTorch's generator before every training forward of `model`'s decoder. Drawn
+    there, outside the compiled layers, a checkpoint's recompute reads the same seed without saving and
+    restoring the generator's state, and a CUDA graph (train.cuda_graphs) captures the draw itself.
+    Calling it again replaces the previous seeds and hook."""
+    lm = causal_lm(model)
+    if not hasattr(lm, "get_decoder"):  # given one layer, not a model: it has no forward to draw before
+        if modules:
+            raise TypeError("attach_seeds needs the model whose decoder runs the LoRA linears")
+        return
+    decoder = lm.get_decoder()
+    old = getattr(decoder, "_dropout_seed_hook", None)
+    if old is not None:
+        old.remove()
+        decoder._dropout_seed_hook = None
+    if not modules:
+        return
+    device = next(modules[0].lora_A.parameters()).device
+    seeds = torch.zeros(len(modules), dtype=torch.long, device=device)
+    for i, module in enumerate(modules):
+        module.dropout_seed = seeds[i:i + 1]
+
+    def draw(decoder, args):
+        if decoder.training and torch.is_grad_enabled():
+            seeds.random_(0, 2 ** 31 - 1)
+
+    decoder._dropout_seed_hook = decoder.register_forward_pre_hook(draw)
+
+
 def set_lora_forward(model, fused_update: bool = False, dropout_kernel: bool = False):
     """Give every LoRA linear of `model` (peft) the training levers asked for (train.fused_lora,
     train.dropout_kernel) through `training_forward`, or peft's own forward back when neither; in place,
     returns `model`."""
-    from engine.perf.dropout_kernel import attach_seeds
-
     modules = lora_linears(model)
     for module in modules:
         module.fused_update, module.dropout_kernel = fused_update, dropout_kernel
